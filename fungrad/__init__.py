@@ -1,0 +1,30 @@
+"""fungrad: automatic differentiation of pure JAX functions with its own engine."""
+
+from fungrad._src.api import (
+    grad,
+    hessian,
+    hvp,
+    jacfwd,
+    jacrev,
+    jvp,
+    linearize,
+    value_and_grad,
+    vjp,
+)
+from fungrad._src.custom_derivatives import custom_jvp, custom_vjp
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "custom_jvp",
+    "custom_vjp",
+    "grad",
+    "hessian",
+    "hvp",
+    "jacfwd",
+    "jacrev",
+    "jvp",
+    "linearize",
+    "value_and_grad",
+    "vjp",
+]

@@ -1,0 +1,483 @@
+"""The public transforms: jvp, linearize, vjp, grad, value_and_grad, jacfwd, jacrev, hessian, hvp."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import tree_util
+
+from fungrad._src import api_util, jaxutil
+from fungrad._src import primitives as _primitives  # noqa: F401  (registers the rules)
+from fungrad._src.capture import Captured, capture
+from fungrad._src.jvp import fill, jvp_closed
+from fungrad._src.linearize import LinearProgram, linearize_program
+from fungrad._src.rules import UndefinedPrimal
+from fungrad._src.transpose import backward_pass
+from fungrad._src.zeros import Zero, has_tangent_space, instantiate
+
+# --- the flat layer: lists of arrays in, lists out ------------------------------------
+
+
+def _trace(fun: Callable, args: Sequence[Any], diff_argnums: Sequence[int],
+           fname: str) -> tuple[Captured, list[Any], list[bool]]:
+    """Captures `fun(*args)`; returns it with its jaxpr inputs and which are differentiated.
+
+    Arrays are traced; other leaves of the non-differentiated arguments (Python numbers,
+    strings, ...) are passed to `fun` as they are.
+    """
+    leaves_per_arg = [tree_util.tree_leaves(a) for a in args]
+    leaves, in_tree = tree_util.tree_flatten(tuple(args))
+    dynamic, diff = [], []
+    for i, arg_leaves in enumerate(leaves_per_arg):
+        is_diff = i in diff_argnums
+        for leaf in arg_leaves:
+            traced = is_diff or _is_traceable_array(leaf)
+            dynamic.append(traced)
+            if traced:
+                diff.append(is_diff)
+    assert len(dynamic) == len(leaves)
+    captured = capture(fun, in_tree, leaves, dynamic)
+    return captured, [x for x, d in zip(leaves, dynamic, strict=True) if d], diff
+
+
+def _is_traceable_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic)) or jaxutil.is_tracer(x)
+
+
+def _linearize_flat(captured: Captured, inputs: Sequence[Any], nonzeros: Sequence[bool]):
+    """Runs the primal part now; returns the outputs and the program with its residuals."""
+    program = linearize_program(captured.jaxpr, tuple(nonzeros))
+    known = jaxutil.eval_jaxpr(program.primal, [], *program.primal_consts, *inputs)
+    return known[:program.num_outs], program, known[program.num_outs:]
+
+
+def _linear_apply(program: LinearProgram, residuals: Sequence[Any], nz_dots: Sequence[Any],
+                  out_avals: Sequence[Any]) -> list[Any]:
+    nz_out = jaxutil.eval_jaxpr(program.linear, [], *residuals, *nz_dots)
+    zeros = [Zero(a.to_tangent_aval()) for a in out_avals]
+    return [instantiate(t) for t in fill(program.out_nonzeros, nz_out, zeros)]
+
+
+def _transpose_apply(program: LinearProgram, residuals: Sequence[Any], cts: Sequence[Any],
+                     in_avals: Sequence[Any]) -> list[Any]:
+    """Cotangents of the nonzero-tangent inputs, given those of every output."""
+    nz_cts = [ct for ct, nz in zip(cts, program.out_nonzeros, strict=True) if nz]
+    linear = [UndefinedPrimal(a.to_tangent_aval()) for a in in_avals]
+    cts_in = backward_pass(program.linear, [*residuals, *linear], nz_cts)
+    return cts_in[len(residuals):]
+
+
+# --- jvp and linearize ----------------------------------------------------------------
+
+
+def jvp(fun: Callable, primals: Sequence[Any], tangents: Sequence[Any],
+        has_aux: bool = False) -> tuple[Any, ...]:
+    """Forward-mode derivative: evaluates `fun` and its Jacobian-vector product.
+
+    Args:
+      fun: function of ``len(primals)`` positional arguments returning arrays (or a pair
+        ``(output, aux)`` when ``has_aux``).
+      primals: tuple or list of the arguments at which to differentiate.
+      tangents: tuple or list with the same structure, shapes and tangent dtypes.
+      has_aux: whether ``fun`` returns auxiliary data that is not differentiated.
+
+    Returns:
+      ``(primals_out, tangents_out)``, or ``(primals_out, tangents_out, aux)``.
+
+    >>> import jax.numpy as jnp, fungrad
+    >>> y, y_dot = fungrad.jvp(jnp.sin, (0.0,), (2.0,))
+    >>> float(y), float(y_dot)
+    (0.0, 2.0)
+    """
+    for name, value in (("primals", primals), ("tangents", tangents)):
+        if not isinstance(value, (tuple, list)):
+            raise TypeError(f"jvp: {name} must be a tuple or a list of the arguments of fun, "
+                            f"got {type(value).__name__}. Wrap a single argument as ({name[:-1]},).")
+    primals, tangents = tuple(primals), tuple(tangents)
+    api_util.check_same_structure(tree_util.tree_structure(primals),
+                                  tree_util.tree_structure(tangents), "primals", "tangents", "jvp")
+    api_util.check_array_leaves(primals, "primals", "jvp")
+    for (path, x), t in zip(tree_util.tree_flatten_with_path(primals)[0],
+                            tree_util.tree_leaves(tangents), strict=True):
+        api_util.check_tangent(x, t, f"the tangent at tangents{tree_util.keystr(path)}", "jvp")
+    fun_ = _with_aux_split(fun, has_aux, "jvp")
+    captured, inputs, _ = _trace(fun_, primals, range(len(primals)), "jvp")
+    dots = [Zero.like(x) if not has_tangent_space(jaxutil.typeof(x)) else t
+            for x, t in zip(inputs, tree_util.tree_leaves(tangents), strict=True)]
+    outs, out_dots = jvp_closed(captured.jaxpr, inputs, dots)
+    out_dots = [instantiate(t) for t in out_dots]
+    return _unflatten_outs(captured, has_aux, outs, out_dots)
+
+
+def linearize(fun: Callable, *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:
+    """Evaluates `fun` and returns its linear approximation (a function of tangents).
+
+    The primal computation runs once; each call of the returned function evaluates
+    only the staged linear part on the saved residuals.
+
+    >>> import jax.numpy as jnp, fungrad
+    >>> y, f_jvp = fungrad.linearize(jnp.exp, 0.0)
+    >>> float(f_jvp(3.0))
+    3.0
+    """
+    api_util.check_array_leaves(primals, "primals", "linearize")
+    fun_ = _with_aux_split(fun, has_aux, "linearize")
+    captured, inputs, _ = _trace(fun_, primals, range(len(primals)), "linearize")
+    nonzeros = [has_tangent_space(jaxutil.typeof(x)) for x in inputs]
+    outs, program, residuals = _linearize_flat(captured, inputs, nonzeros)
+    n_out = _num_outs(captured, has_aux)
+    out_avals = captured.jaxpr.out_avals[:n_out]
+    in_tree = tree_util.tree_structure(primals)
+
+    def f_jvp(*tangents):
+        tangents_tree = tree_util.tree_structure(tangents)
+        api_util.check_same_structure(in_tree, tangents_tree, "primals", "tangents",
+                                      "linearize's f_jvp")
+        flat = tree_util.tree_leaves(tangents)
+        for x, t in zip(inputs, flat, strict=True):
+            api_util.check_tangent(x, t, "a tangent", "linearize's f_jvp")
+        nz = [t for t, keep in zip(flat, nonzeros, strict=True) if keep]
+        out_dots = _linear_apply(program, residuals, nz, captured.jaxpr.out_avals)
+        return tree_util.tree_unflatten(_out_tree(captured, has_aux), out_dots[:n_out])
+
+    del out_avals
+    return _finish(captured, has_aux, outs, f_jvp)
+
+
+# --- vjp ------------------------------------------------------------------------------
+
+
+def vjp(fun: Callable, *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:
+    """Reverse-mode derivative: evaluates `fun` and returns its vector-Jacobian product.
+
+    The returned ``vjp_fun(ct)`` takes a cotangent shaped like the output and returns a
+    tuple with one cotangent per primal. It may be called many times, and passed to
+    or through ``jax.jit``.
+
+    >>> import jax.numpy as jnp, fungrad
+    >>> y, vjp_fun = fungrad.vjp(lambda x: x * x, 3.0)
+    >>> [float(g) for g in vjp_fun(1.0)]
+    [6.0]
+    """
+    api_util.check_array_leaves(primals, "primals", "vjp")
+    fun_ = _with_aux_split(fun, has_aux, "vjp")
+    captured, inputs, _ = _trace(fun_, primals, range(len(primals)), "vjp")
+    nonzeros = [has_tangent_space(jaxutil.typeof(x)) for x in inputs]
+    outs, program, residuals = _linearize_flat(captured, inputs, nonzeros)
+    n_out = _num_outs(captured, has_aux)
+    spec = _VjpSpec(program, tuple(captured.jaxpr.in_avals), tuple(captured.jaxpr.out_avals),
+                    n_out, tuple(nonzeros), _out_tree(captured, has_aux),
+                    tree_util.tree_structure(primals))
+    vjp_fun = tree_util.Partial(functools.partial(_pullback, spec), residuals)
+    return _finish(captured, has_aux, outs, vjp_fun)
+
+
+class _VjpSpec:
+    """What a pullback needs besides the residuals; static, so hashed by identity."""
+
+    def __init__(self, program, in_avals, out_avals, num_outs, nonzeros, out_tree, in_tree):
+        self.program, self.in_avals, self.out_avals = program, in_avals, out_avals
+        self.num_outs, self.nonzeros = num_outs, nonzeros
+        self.out_tree, self.in_tree = out_tree, in_tree
+
+
+def _pullback(spec: _VjpSpec, residuals: list, ct: Any) -> tuple:
+    api_util.check_same_structure(spec.out_tree, tree_util.tree_structure(ct),
+                                  "the primal output", "the cotangent", "vjp_fun")
+    flat_cts = tree_util.tree_leaves(ct)
+    for aval, c in zip(spec.out_avals[:spec.num_outs], flat_cts, strict=True):
+        api_util.check_tangent(jax.ShapeDtypeStruct(aval.shape, aval.dtype), c,
+                               "the cotangent", "vjp_fun")
+    aux_zeros = [Zero(a.to_tangent_aval()) for a in spec.out_avals[spec.num_outs:]]
+    cts = [*flat_cts, *aux_zeros]
+    nz_avals = [a for a, nz in zip(spec.in_avals, spec.nonzeros, strict=True) if nz]
+    nz_cts = _transpose_apply(spec.program, residuals, cts, nz_avals)
+    zeros = [Zero(a.to_tangent_aval()) for a in spec.in_avals]
+    cts_in = [instantiate(c) for c in fill(spec.nonzeros, nz_cts, zeros)]
+    return tree_util.tree_unflatten(spec.in_tree, cts_in)
+
+
+# --- grad -----------------------------------------------------------------------------
+
+
+def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
+                   holomorphic: bool = False, allow_int: bool = False) -> Callable:
+    """A function that evaluates `fun` and its gradient with respect to `argnums`.
+
+    Args:
+      fun: function returning a scalar (or ``(scalar, aux)`` when ``has_aux``).
+      argnums: which positional argument(s) to differentiate (int or tuple of ints).
+      has_aux: whether ``fun`` returns auxiliary data that is not differentiated.
+      holomorphic: whether ``fun`` is holomorphic (complex inputs and output).
+      allow_int: allow integer inputs; their gradient is float0 zeros.
+
+    Returns:
+      A function returning ``(value, grad)``, or ``((value, aux), grad)``; ``grad`` is a
+      tuple when ``argnums`` is a tuple.
+
+    >>> import fungrad
+    >>> value, g = fungrad.value_and_grad(lambda x: x ** 2)(3.0)
+    >>> float(value), float(g)
+    (9.0, 6.0)
+    """
+    fname = "value_and_grad"
+
+    @functools.wraps(fun)
+    def value_and_grad_f(*args, **kwargs):
+        nums = api_util.argnums_tuple(argnums, len(args), fname)
+        value, grads, aux = _value_and_grad(fun, args, kwargs, nums, has_aux, holomorphic,
+                                            allow_int, fname)
+        grads = grads if isinstance(argnums, (tuple, list)) else grads[0]
+        return ((value, aux), grads) if has_aux else (value, grads)
+
+    return value_and_grad_f
+
+
+def grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
+         holomorphic: bool = False, allow_int: bool = False) -> Callable:
+    """A function that evaluates the gradient of scalar-valued `fun`.
+
+    Arguments as for :func:`value_and_grad`; returns ``grad`` or ``(grad, aux)``.
+
+    >>> import jax.numpy as jnp, fungrad
+    >>> float(fungrad.grad(lambda x: 3 * x ** 2 - 4 * x + 5)(3.0))
+    14.0
+    """
+    fname = "grad"
+
+    @functools.wraps(fun)
+    def grad_f(*args, **kwargs):
+        nums = api_util.argnums_tuple(argnums, len(args), fname)
+        _, grads, aux = _value_and_grad(fun, args, kwargs, nums, has_aux, holomorphic,
+                                        allow_int, fname)
+        grads = grads if isinstance(argnums, (tuple, list)) else grads[0]
+        return (grads, aux) if has_aux else grads
+
+    return grad_f
+
+
+def _value_and_grad(fun, args, kwargs, nums, has_aux, holomorphic, allow_int, fname):
+    diff_args = tuple(args[i] for i in nums)
+    api_util.check_array_leaves(diff_args, "the differentiated argument", fname)
+    for x in tree_util.tree_leaves(diff_args):
+        api_util.check_input_dtype(x, holomorphic=holomorphic, allow_int=allow_int, fname=fname)
+    fun_ = _with_aux_split(functools.partial(fun, **kwargs) if kwargs else fun, has_aux, fname)
+    captured, inputs, diff = _trace(fun_, args, nums, fname)
+    n_out = _num_outs(captured, has_aux)
+    out_tree = _out_tree(captured, has_aux)
+    if out_tree.num_leaves != 1 or not tree_util.treedef_is_leaf(out_tree):
+        raise TypeError(f"{fname} requires fun to return a single scalar array, but it returned "
+                        f"a pytree {out_tree}." + (" Did you mean has_aux=True?" if not has_aux
+                                                    and out_tree.num_nodes == 3 else ""))
+    out_aval = captured.jaxpr.out_avals[0]
+    api_util.check_scalar_output(jax.ShapeDtypeStruct(out_aval.shape, out_aval.dtype),
+                                 holomorphic=holomorphic, fname=fname)
+    nonzeros = [d and has_tangent_space(jaxutil.typeof(x)) for x, d in zip(inputs, diff, strict=True)]
+    outs, program, residuals = _linearize_flat(captured, inputs, nonzeros)
+    ct = jnp.ones((), out_aval.dtype)
+    cts = [ct, *(Zero(a.to_tangent_aval()) for a in captured.jaxpr.out_avals[n_out:])]
+    nz_avals = [jaxutil.typeof(x) for x, nz in zip(inputs, nonzeros, strict=True) if nz]
+    nz_cts = iter(_transpose_apply(program, residuals, cts, nz_avals))
+    grads_flat = [instantiate(next(nz_cts)) if nz else instantiate(Zero.like(x))
+                  for x, nz, d in zip(inputs, nonzeros, diff, strict=True) if d]
+    grads = tree_util.tree_unflatten(tree_util.tree_structure(diff_args), grads_flat)
+    aux = tree_util.tree_unflatten(_aux_tree(captured), outs[n_out:]) if has_aux else None
+    return outs[0], grads, aux
+
+
+# --- Jacobians, Hessians --------------------------------------------------------------
+
+
+def jacfwd(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
+           holomorphic: bool = False) -> Callable:
+    """Jacobian of `fun` by forward mode: one JVP per input dimension, vectorized.
+
+    The Jacobian of an output leaf of shape ``out`` with respect to an input leaf of
+    shape ``in`` has shape ``out + in``.
+
+    >>> import jax.numpy as jnp, fungrad
+    >>> fungrad.jacfwd(lambda x: x ** 2)(jnp.array([1.0, 2.0])).tolist()
+    [[2.0, 0.0], [0.0, 4.0]]
+    """
+    fname = "jacfwd"
+
+    @functools.wraps(fun)
+    def jacfwd_f(*args):
+        nums = api_util.argnums_tuple(argnums, len(args), fname)
+        dyn = tuple(args[i] for i in nums)
+        api_util.check_array_leaves(dyn, "the differentiated argument", fname)
+        for x in tree_util.tree_leaves(dyn):
+            _check_jac_input(x, holomorphic, fname)
+
+        dyn_leaves, dyn_tree = tree_util.tree_flatten(dyn)
+        basis = api_util.std_basis(dyn_leaves)
+
+        def one_column(*basis_leaves):
+            tangents = tree_util.tree_unflatten(dyn_tree, list(basis_leaves))
+            return jvp(_partial_args(fun, args, nums), dyn, tangents, has_aux=has_aux)
+
+        results = jax.vmap(one_column, out_axes=(None, -1, None) if has_aux else (None, -1))(*basis)
+        y, jac = results[0], results[1]
+        jac = tree_util.tree_map(lambda j, out: _reshape_jac_fwd(j, out, dyn_leaves, dyn_tree,
+                                                                 isinstance(argnums, int)), jac, y)
+        return (jac, results[2]) if has_aux else jac
+
+    return jacfwd_f
+
+
+def _reshape_jac_fwd(j, out, dyn_leaves, dyn_tree, single):
+    """Splits the last axis of a stacked Jacobian by input leaf: out.shape + in.shape each."""
+    out_shape = np.shape(out)
+    pieces, start = [], 0
+    for x in dyn_leaves:
+        size = int(np.prod(np.shape(x)))
+        pieces.append(jnp.reshape(j[..., start:start + size], (*out_shape, *np.shape(x))))
+        start += size
+    tree = tree_util.tree_unflatten(dyn_tree, pieces)
+    return tree[0] if single else tree
+
+
+def jacrev(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
+           holomorphic: bool = False, allow_int: bool = False) -> Callable:
+    """Jacobian of `fun` by reverse mode: one VJP per output dimension, vectorized.
+
+    >>> import jax.numpy as jnp, fungrad
+    >>> fungrad.jacrev(lambda x: x ** 2)(jnp.array([1.0, 2.0])).tolist()
+    [[2.0, 0.0], [0.0, 4.0]]
+    """
+    fname = "jacrev"
+
+    @functools.wraps(fun)
+    def jacrev_f(*args):
+        nums = api_util.argnums_tuple(argnums, len(args), fname)
+        dyn = tuple(args[i] for i in nums)
+        api_util.check_array_leaves(dyn, "the differentiated argument", fname)
+        for x in tree_util.tree_leaves(dyn):
+            api_util.check_input_dtype(x, holomorphic=holomorphic, allow_int=allow_int,
+                                       fname=fname)
+        outs = vjp(_partial_args(fun, args, nums), *dyn, has_aux=has_aux)
+        y, pullback = outs[0], outs[1]
+        y_leaves, y_tree = tree_util.tree_flatten(y)
+        for leaf in y_leaves:
+            api_util.check_output_dtype(jaxutil.typeof(leaf).dtype, holomorphic=holomorphic,
+                                        fname=fname)
+        basis = api_util.std_basis(y_leaves)
+        cols = jax.vmap(lambda *b: pullback(tree_util.tree_unflatten(y_tree, list(b))))(*basis)
+        jac = _reshape_jac_rev(cols, y_leaves, y_tree, isinstance(argnums, int))
+        return (jac, outs[2]) if has_aux else jac
+
+    return jacrev_f
+
+
+def _reshape_jac_rev(cols, y_leaves, y_tree, single):
+    """From per-input stacks of shape (N_out, *in.shape) to out tree of in trees."""
+    cols = cols[0] if single else cols
+    per_out, start = [], 0
+    for y in y_leaves:
+        size = int(np.prod(np.shape(y)))
+        per_out.append(tree_util.tree_map(
+            lambda c, start=start, size=size, y=y: jnp.reshape(
+                c[start:start + size], (*np.shape(y), *c.shape[1:])), cols))
+        start += size
+    return tree_util.tree_unflatten(y_tree, per_out)
+
+
+def hessian(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
+            holomorphic: bool = False) -> Callable:
+    """Hessian of scalar `fun`: ``jacfwd(jacrev(fun))``.
+
+    >>> import jax.numpy as jnp, fungrad
+    >>> fungrad.hessian(lambda x: jnp.sum(x ** 3))(jnp.array([1.0, 2.0])).tolist()
+    [[6.0, 0.0], [0.0, 12.0]]
+    """
+    return jacfwd(jacrev(fun, argnums, has_aux=has_aux, holomorphic=holomorphic), argnums,
+                  has_aux=has_aux, holomorphic=holomorphic)
+
+
+def hvp(fun: Callable, primals: Sequence[Any], tangents: Sequence[Any]) -> tuple[Any, ...]:
+    """Hessian-vector product of scalar `fun`, forward over reverse.
+
+    Returns a tuple shaped like ``primals``: the Hessian of ``fun`` at ``primals``
+    applied to ``tangents``.
+
+    >>> import jax.numpy as jnp, fungrad
+    >>> (h,) = fungrad.hvp(lambda x: jnp.sum(x ** 3), (jnp.array([1.0, 2.0]),),
+    ...                    (jnp.array([1.0, 0.0]),))
+    >>> h.tolist()
+    [6.0, 0.0]
+    """
+    primals, tangents = tuple(primals), tuple(tangents)
+    all_args = tuple(range(len(primals)))
+    return jvp(grad(fun, argnums=all_args), primals, tangents)[1]
+
+
+# --- helpers --------------------------------------------------------------------------
+
+
+def _check_jac_input(x, holomorphic, fname):
+    dtype = jaxutil.typeof(x).dtype
+    if holomorphic:
+        api_util.check_input_dtype(x, holomorphic=True, allow_int=False, fname=fname)
+    elif not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"{fname} requires real-valued inputs (input dtype that is a sub-dtype of "
+            f"np.floating), but got {dtype.name}. For holomorphic differentiation, pass "
+            f"holomorphic=True. For differentiation of non-holomorphic functions involving "
+            f"complex inputs or integer inputs, use fungrad.jvp directly.")
+
+
+def _partial_args(fun: Callable, args: tuple, nums: Sequence[int]) -> Callable:
+    """`fun` as a function of the arguments at `nums`, the others fixed."""
+    def f(*dyn):
+        full = list(args)
+        for i, x in zip(nums, dyn, strict=True):
+            full[i] = x
+        return fun(*full)
+    return f
+
+
+def _with_aux_split(fun: Callable, has_aux: bool, fname: str) -> Callable:
+    if not has_aux:
+        return fun
+
+    def f(*args):
+        return api_util.split_aux(fun(*args), fname)
+
+    return f
+
+
+def _num_outs(captured: Captured, has_aux: bool) -> int:
+    return _out_tree(captured, has_aux).num_leaves
+
+
+def _out_tree(captured: Captured, has_aux: bool) -> Any:
+    if not has_aux:
+        return captured.out_tree
+    return tree_util.treedef_children(captured.out_tree)[0]
+
+
+def _aux_tree(captured: Captured) -> Any:
+    return tree_util.treedef_children(captured.out_tree)[1]
+
+
+def _unflatten_outs(captured, has_aux, outs, out_dots):
+    n_out = _num_outs(captured, has_aux)
+    out_tree = _out_tree(captured, has_aux)
+    y = tree_util.tree_unflatten(out_tree, outs[:n_out])
+    y_dot = tree_util.tree_unflatten(out_tree, out_dots[:n_out])
+    if has_aux:
+        return y, y_dot, tree_util.tree_unflatten(_aux_tree(captured), outs[n_out:])
+    return y, y_dot
+
+
+def _finish(captured, has_aux, outs, fn):
+    n_out = _num_outs(captured, has_aux)
+    y = tree_util.tree_unflatten(_out_tree(captured, has_aux), outs[:n_out])
+    if has_aux:
+        return y, fn, tree_util.tree_unflatten(_aux_tree(captured), outs[n_out:])
+    return y, fn

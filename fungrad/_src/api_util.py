@@ -1,0 +1,158 @@
+"""Argument handling for the public transforms: argnums, pytrees, and every input check."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import tree_util
+
+from fungrad._src import jaxutil
+from fungrad._src.jaxutil import float0
+
+
+def argnums_tuple(argnums: int | Sequence[int], nargs: int, fname: str) -> tuple[int, ...]:
+    """`argnums` as a tuple of non-negative indices, checked against `nargs`."""
+    nums: tuple[int, ...]
+    if isinstance(argnums, (int, np.integer)):
+        nums = (int(argnums),)
+    elif isinstance(argnums, (tuple, list)) and all(isinstance(i, (int, np.integer)) for i in argnums):
+        nums = tuple(int(i) for i in argnums)
+    else:
+        raise TypeError(f"{fname}: argnums must be an int or a tuple of ints, got {argnums!r}.")
+    for i in nums:
+        if not -nargs <= i < nargs:
+            raise ValueError(
+                f"{fname}: argnums={argnums!r} is out of bounds for a function called with "
+                f"{nargs} positional argument{'s' if nargs != 1 else ''}.")
+    return tuple(i % nargs for i in nums)
+
+
+def is_array_like(x: Any) -> bool:
+    try:
+        jaxutil.typeof(x)
+    except TypeError:
+        return False
+    return True
+
+
+def check_array_leaves(tree: Any, what: str, fname: str) -> None:
+    """Every leaf of `tree` must be an array or a scalar that jax can trace."""
+    for path, leaf in tree_util.tree_flatten_with_path(tree)[0]:
+        if not is_array_like(leaf):
+            where = f"{what}{tree_util.keystr(path)}"
+            raise TypeError(
+                f"{fname}: {where} is of type {type(leaf).__name__}, which is not a valid JAX "
+                f"type: the differentiated arguments must be arrays or numeric scalars (or "
+                f"pytrees of them). Pass other values through arguments outside argnums, "
+                f"or close over them.")
+
+
+def check_input_dtype(x: Any, *, holomorphic: bool, allow_int: bool, fname: str) -> None:
+    dtype = jaxutil.typeof(x).dtype
+    if holomorphic:
+        if not jnp.issubdtype(dtype, jnp.complexfloating):
+            raise TypeError(f"{fname} with holomorphic=True requires inputs with complex dtype, "
+                            f"but got {dtype.name}.")
+    elif (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_)
+          or dtype == float0):
+        if not allow_int:
+            raise TypeError(
+                f"{fname} requires real- or complex-valued inputs (input dtype that is a "
+                f"sub-dtype of np.inexact), but got {dtype.name}. If you want to use "
+                f"integer-valued inputs, set allow_int to True.")
+    elif not jnp.issubdtype(dtype, jnp.inexact):
+        raise TypeError(f"{fname} requires numerical-valued inputs (input dtype that is a "
+                        f"sub-dtype of np.bool_ or np.number), but got {dtype.name}.")
+
+
+def check_scalar_output(out: Any, *, holomorphic: bool, fname: str) -> None:
+    aval = jaxutil.typeof(out)
+    if aval.shape != ():
+        raise TypeError(f"{fname} is only defined for scalar-output functions, but the "
+                        f"output had shape {aval.shape}. Use fungrad.vjp or fungrad.jacrev "
+                        f"for functions with array outputs.")
+    check_output_dtype(aval.dtype, holomorphic=holomorphic, fname=fname)
+
+
+def check_output_dtype(dtype: Any, *, holomorphic: bool, fname: str) -> None:
+    if holomorphic:
+        if not jnp.issubdtype(dtype, jnp.complexfloating):
+            raise TypeError(f"{fname} with holomorphic=True requires outputs with complex "
+                            f"dtype, but got {dtype.name}.")
+    elif not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"{fname} requires real-valued outputs (output dtype that is a sub-dtype of "
+            f"np.floating), but got {dtype.name}. For holomorphic differentiation, pass "
+            f"holomorphic=True. For differentiation of non-holomorphic functions involving "
+            f"complex outputs, use fungrad.vjp directly.")
+
+
+def check_tangent(primal: Any, tangent: Any, what: str, fname: str) -> None:
+    """A tangent (or cotangent) must have the primal's shape and tangent dtype."""
+    p_aval = jaxutil.typeof(primal)
+    try:
+        t_aval = jaxutil.typeof(tangent)
+    except TypeError:
+        raise TypeError(f"{fname}: {what} of type {type(tangent).__name__} is not a valid "
+                        f"JAX type; expected an array.") from None
+    expected = p_aval.to_tangent_aval().dtype
+    if t_aval.shape != p_aval.shape:
+        raise ValueError(f"{fname}: {what} has shape {t_aval.shape}, but the corresponding "
+                         f"primal has shape {p_aval.shape}; they must be equal.")
+    if t_aval.dtype != expected and not (t_aval.weak_type and _same_kind(t_aval.dtype, expected)):
+        hint = (" (integer and boolean primals take float0 tangents: "
+                "np.zeros(shape, dtype=jax.dtypes.float0))" if expected == float0 else "")
+        raise TypeError(f"{fname}: {what} has dtype {t_aval.dtype.name}, but the corresponding "
+                        f"primal has dtype {p_aval.dtype.name}, so the expected tangent dtype "
+                        f"is {expected.name}{hint}.")
+
+
+def _same_kind(a: Any, b: Any) -> bool:
+    return b != float0 and jnp.issubdtype(a, jnp.inexact) and jnp.issubdtype(b, jnp.inexact)
+
+
+def check_same_structure(tree_a: Any, tree_b: Any, what_a: str, what_b: str, fname: str) -> None:
+    if tree_a != tree_b:
+        raise TypeError(f"{fname}: {what_a} and {what_b} must have the same tree structure, "
+                        f"but {what_a} have {tree_a} and {what_b} have {tree_b}.")
+
+
+def split_aux(out: Any, fname: str) -> tuple[Any, Any]:
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError(f"{fname} with has_aux=True requires the function to return a pair "
+                        f"(output, aux), but it returned {type(out).__name__}"
+                        f"{f' of length {len(out)}' if isinstance(out, (tuple, list)) else ''}.")
+    return out[0], out[1]
+
+
+def std_basis(leaves: Sequence[Any]) -> list[Any]:
+    """Rows of the identity for the concatenated flat `leaves`, split back per leaf.
+
+    Each result has shape (N, *leaf.shape), N the total size, in the leaf's tangent dtype.
+    """
+    sizes = [int(np.prod(np.shape(x))) for x in leaves]
+    total = sum(sizes)
+    out: list[Any] = []
+    start = 0
+    for x, size in zip(leaves, sizes, strict=True):
+        aval = jaxutil.typeof(x)
+        dtype = aval.to_tangent_aval().dtype
+        if dtype == float0:
+            out.append(np.zeros((total, *aval.shape), float0))
+        else:
+            eye = jnp.eye(total, size, -start, dtype=dtype)
+            out.append(eye.reshape((total, *aval.shape)))
+        start += size
+    return out
+
+
+def tangent_dtype_of(x: Any) -> Any:
+    return jaxutil.typeof(x).to_tangent_aval().dtype
+
+
+def as_array(x: Any) -> Any:
+    return x if isinstance(x, (jax.Array, np.ndarray)) or jaxutil.is_tracer(x) else jnp.asarray(x)
