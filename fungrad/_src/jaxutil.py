@@ -168,6 +168,33 @@ def symbolic_zero_for_user(aval: Any) -> Any:
     return ad_util.SymbolicZero(aval)
 
 
+def custom_rules_close_over_inputs(jaxpr: Jaxpr) -> bool:
+    """Whether a custom_jvp/custom_vjp function in `jaxpr` closes over traced values.
+
+    jax hands the user's rule to us as a thunk that traces it on demand; a value the
+    rule closes over that was traced with the function itself is then out of scope.
+    """
+    for eqn in jaxpr.eqns:
+        if eqn.primitive in (prims.custom_jvp_call_p, prims.custom_vjp_call_p):
+            if eqn.params["num_consts"]:
+                return True
+        for sub in _sub_jaxprs(eqn.params):
+            if custom_rules_close_over_inputs(sub):
+                return True
+    return False
+
+
+def _sub_jaxprs(params: dict) -> list[Jaxpr]:
+    found = []
+    for value in params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(item, ClosedJaxpr):
+                found.append(item.jaxpr)
+            elif isinstance(item, Jaxpr):
+                found.append(item)
+    return found
+
+
 def register_failing_lowering(prim: Primitive, error: Callable[..., Any]) -> None:
     """Makes compiling `prim` raise `error()`; for primitives that must be transposed away."""
     def lowering(ctx, *args, **params):

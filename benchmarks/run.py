@@ -1,0 +1,141 @@
+"""fungrad against jax on the same workloads, in one process: python benchmarks/run.py --help."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import workloads  # noqa: E402
+
+
+def count_eqns(jaxpr) -> int:
+    total = 0
+    for eqn in jaxpr.eqns:
+        total += 1
+        for value in eqn.params.values():
+            for item in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(item, "jaxpr", item)
+                if hasattr(inner, "eqns"):
+                    total += count_eqns(inner)
+    return total
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def compile_stats(fn, args) -> dict:
+    jitted = jax.jit(lambda *a: fn(*a))  # a fresh function: no jit cache hit
+    traced, trace_s = _timed(lambda: jitted.trace(*args))
+    compiled, compile_s = _timed(lambda: traced.lower().compile())
+    mem = compiled.memory_analysis()
+    return {"trace_s": trace_s, "compile_s": compile_s, "trace_compile_s": trace_s + compile_s,
+            "temp_bytes": int(mem.temp_size_in_bytes) if mem else None,
+            "arg_bytes": int(mem.argument_size_in_bytes) if mem else None,
+            "eqns": count_eqns(traced.jaxpr.jaxpr), "compiled": compiled}
+
+
+def interleaved_runs(compiled: dict, args, reps: int) -> dict:
+    times: dict[str, list[float]] = {lib: [] for lib in compiled}
+    for lib in compiled:  # warm-up
+        jax.block_until_ready(compiled[lib](*args))
+    for _ in range(reps):
+        for lib, fn in compiled.items():
+            _, dt = _timed(lambda fn=fn: jax.block_until_ready(fn(*args)))
+            times[lib].append(dt)
+    return {lib: statistics.median(t) for lib, t in times.items()}
+
+
+def eager_latency(fn, args, reps: int) -> float:
+    jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(reps):
+        _, dt = _timed(lambda: jax.block_until_ready(fn(*args)))
+        samples.append(dt)
+    return statistics.median(samples)
+
+
+def run_workload(w: workloads.Workload, reps: int, eager_reps: int) -> dict:
+    fns = {"fungrad": w.fungrad_fn, "jax": w.jax_fn}
+    stats = {lib: compile_stats(fn, w.args) for lib, fn in fns.items()}
+    run = interleaved_runs({lib: s.pop("compiled") for lib, s in stats.items()}, w.args, reps)
+    for lib in fns:
+        stats[lib]["run_s"] = run[lib]
+        stats[lib]["eager_s"] = eager_latency(fns[lib], w.args, eager_reps) if eager_reps else None
+    return stats
+
+
+METRICS = [("run_s", "run"), ("trace_compile_s", "trace+compile"), ("eager_s", "eager"),
+           ("temp_bytes", "temp mem"), ("eqns", "eqns")]
+
+
+def ratio(a, b):
+    return None if a is None or not b else a / b
+
+
+def print_table(results: dict) -> None:
+    header = f"| {'workload':<10} | " + " | ".join(f"{label:>13}" for _, label in METRICS) + " |"
+    print(header)
+    print("|" + "|".join("-" * (len(c) + 0) for c in header.split("|")[1:-1]) + "|")
+    for name, r in results.items():
+        if "error" in r:
+            print(f"| {name:<10} | error: {r['error'][:80]}")
+            continue
+        cells = []
+        for key, _ in METRICS:
+            q = ratio(r["fungrad"][key], r["jax"][key])
+            cells.append(f"{q:>13.2f}" if q is not None else f"{'-':>13}")
+        print(f"| {name:<10} | " + " | ".join(cells) + " |")
+    print("(ratios fungrad / jax; below 1 means fungrad is faster or smaller)")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--scale", type=int, default=1, help="enlarge the workloads (e.g. 8 on a GPU)")
+    parser.add_argument("--reps", type=int, default=50, help="timed runs of each compiled function")
+    parser.add_argument("--eager-reps", type=int, default=5, help="timed un-jitted calls (0: skip)")
+    parser.add_argument("--only", nargs="*", help="workload names to run")
+    parser.add_argument("--out", default="benchmarks/results/latest.json", help="JSON output path")
+    args = parser.parse_args(argv)
+
+    device = jax.devices()[0]
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, device {device.device_kind}")
+    results: dict = {}
+    makers = [m for m in workloads.ALL if not args.only or m.__name__ in args.only]
+    for i, make in enumerate(makers, 1):
+        w = make(args.scale)
+        print(f"[{i}/{len(makers)}] {w.name}: {w.what} ...", flush=True)
+        try:
+            results[w.name] = run_workload(w, args.reps, args.eager_reps)
+        except Exception as err:  # report and go on: one broken workload must not hide the rest
+            traceback.print_exc(limit=3)
+            results[w.name] = {"error": f"{type(err).__name__}: {err}".splitlines()[0]}
+    print_table(results)
+    ok = [r for r in results.values() if "error" not in r]
+    for key, label in METRICS:
+        qs = [q for r in ok if (q := ratio(r["fungrad"][key], r["jax"][key])) is not None]
+        if qs:
+            print(f"median {label} ratio: {float(np.median(qs)):.2f}")
+    meta = {"date": datetime.date.today().isoformat(), "jax": jax.__version__,
+            "backend": jax.default_backend(), "device": device.device_kind, "scale": args.scale}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
