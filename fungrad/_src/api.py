@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import tree_util
+from jax import lax, tree_util
 
 from fungrad._src import api_util, jaxutil
 from fungrad._src import primitives as _primitives  # noqa: F401  (registers the rules)
@@ -42,7 +42,18 @@ def _trace(fun: Callable, args: Sequence[Any], diff_argnums: Sequence[int],
                 diff.append(is_diff)
     assert len(dynamic) == len(leaves)
     captured = capture(fun, in_tree, leaves, dynamic)
+    if not all(diff) and jaxutil.custom_rules_close_over_inputs(captured.jaxpr.jaxpr):
+        # A custom rule closes over a traced argument: trace again with the arguments that
+        # are not differentiated passed as values, so the rule can still see them.
+        dynamic = [d and is_d for d, is_d in zip(dynamic, _leaf_is_diff(leaves_per_arg, diff_argnums),
+                                                 strict=True)]
+        captured = capture(fun, in_tree, leaves, dynamic)
+        diff = [True] * sum(dynamic)
     return captured, [x for x, d in zip(leaves, dynamic, strict=True) if d], diff
+
+
+def _leaf_is_diff(leaves_per_arg: list[list[Any]], diff_argnums: Sequence[int]) -> list[bool]:
+    return [i in diff_argnums for i, arg_leaves in enumerate(leaves_per_arg) for _ in arg_leaves]
 
 
 def _is_traceable_array(x: Any) -> bool:
@@ -94,10 +105,8 @@ def jvp(fun: Callable, primals: Sequence[Any], tangents: Sequence[Any],
     >>> float(y), float(y_dot)
     (0.0, 2.0)
     """
-    for name, value in (("primals", primals), ("tangents", tangents)):
-        if not isinstance(value, (tuple, list)):
-            raise TypeError(f"jvp: {name} must be a tuple or a list of the arguments of fun, "
-                            f"got {type(value).__name__}. Wrap a single argument as ({name[:-1]},).")
+    api_util.check_args_tuple(primals, "primals", "jvp")
+    api_util.check_args_tuple(tangents, "tangents", "jvp")
     primals, tangents = tuple(primals), tuple(tangents)
     api_util.check_same_structure(tree_util.tree_structure(primals),
                                   tree_util.tree_structure(tangents), "primals", "tangents", "jvp")
@@ -139,8 +148,9 @@ def linearize(fun: Callable, *primals: Any, has_aux: bool = False) -> tuple[Any,
         api_util.check_same_structure(in_tree, tangents_tree, "primals", "tangents",
                                       "linearize's f_jvp")
         flat = tree_util.tree_leaves(tangents)
-        for x, t in zip(inputs, flat, strict=True):
-            api_util.check_tangent(x, t, "a tangent", "linearize's f_jvp")
+        for (path, x), t in zip(tree_util.tree_flatten_with_path(primals)[0], flat, strict=True):
+            api_util.check_tangent(x, t, f"the tangent at tangents{tree_util.keystr(path)}",
+                                   "linearize's f_jvp")
         nz = [t for t, keep in zip(flat, nonzeros, strict=True) if keep]
         out_dots = _linear_apply(program, residuals, nz, captured.jaxpr.out_avals)
         return tree_util.tree_unflatten(_out_tree(captured, has_aux), out_dots[:n_out])
@@ -190,9 +200,11 @@ def _pullback(spec: _VjpSpec, residuals: list, ct: Any) -> tuple:
     api_util.check_same_structure(spec.out_tree, tree_util.tree_structure(ct),
                                   "the primal output", "the cotangent", "vjp_fun")
     flat_cts = tree_util.tree_leaves(ct)
-    for aval, c in zip(spec.out_avals[:spec.num_outs], flat_cts, strict=True):
+    paths = [tree_util.keystr(path) for path, _ in tree_util.tree_flatten_with_path(ct)[0]]
+    for aval, c, path in zip(spec.out_avals[:spec.num_outs], flat_cts, paths, strict=True):
         api_util.check_tangent(jax.ShapeDtypeStruct(aval.shape, aval.dtype), c,
-                               "the cotangent", "vjp_fun")
+                               f"the cotangent{' at ' + path if path else ''}", "vjp_fun",
+                               primal_what="the corresponding output of fun")
     aux_zeros = [Zero(a.to_tangent_aval()) for a in spec.out_avals[spec.num_outs:]]
     cts = [*flat_cts, *aux_zeros]
     nz_avals = [a for a, nz in zip(spec.in_avals, spec.nonzeros, strict=True) if nz]
@@ -263,7 +275,7 @@ def grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
 
 def _value_and_grad(fun, args, kwargs, nums, has_aux, holomorphic, allow_int, fname):
     diff_args = tuple(args[i] for i in nums)
-    api_util.check_array_leaves(diff_args, "the differentiated argument", fname)
+    api_util.check_diff_args(args, nums, fname)
     for x in tree_util.tree_leaves(diff_args):
         api_util.check_input_dtype(x, holomorphic=holomorphic, allow_int=allow_int, fname=fname)
     fun_ = _with_aux_split(functools.partial(fun, **kwargs) if kwargs else fun, has_aux, fname)
@@ -279,13 +291,17 @@ def _value_and_grad(fun, args, kwargs, nums, has_aux, holomorphic, allow_int, fn
                                  holomorphic=holomorphic, fname=fname)
     nonzeros = [d and has_tangent_space(jaxutil.typeof(x)) for x, d in zip(inputs, diff, strict=True)]
     outs, program, residuals = _linearize_flat(captured, inputs, nonzeros)
-    ct = jnp.ones((), out_aval.dtype)
+    ct = lax.full_like(outs[0], 1)  # keeps the output's weak type, so the gradient does too
     cts = [ct, *(Zero(a.to_tangent_aval()) for a in captured.jaxpr.out_avals[n_out:])]
     nz_avals = [jaxutil.typeof(x) for x, nz in zip(inputs, nonzeros, strict=True) if nz]
     nz_cts = iter(_transpose_apply(program, residuals, cts, nz_avals))
     grads_flat = [instantiate(next(nz_cts)) if nz else instantiate(Zero.like(x))
                   for x, nz, d in zip(inputs, nonzeros, diff, strict=True) if d]
-    grads = tree_util.tree_unflatten(tree_util.tree_structure(diff_args), grads_flat)
+    # `_trace` orders the differentiated leaves by argument position; return them in argnums order.
+    positions = sorted(set(nums))
+    by_position = dict(zip(positions, tree_util.tree_unflatten(
+        tree_util.tree_structure(tuple(args[i] for i in positions)), grads_flat), strict=True))
+    grads = tuple(by_position[i] for i in nums)
     aux = tree_util.tree_unflatten(_aux_tree(captured), outs[n_out:]) if has_aux else None
     return outs[0], grads, aux
 
@@ -307,10 +323,10 @@ def jacfwd(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = Fals
     fname = "jacfwd"
 
     @functools.wraps(fun)
-    def jacfwd_f(*args):
+    def jacfwd_f(*args, **kwargs):
         nums = api_util.argnums_tuple(argnums, len(args), fname)
         dyn = tuple(args[i] for i in nums)
-        api_util.check_array_leaves(dyn, "the differentiated argument", fname)
+        api_util.check_diff_args(args, nums, fname)
         for x in tree_util.tree_leaves(dyn):
             _check_jac_input(x, holomorphic, fname)
 
@@ -319,7 +335,7 @@ def jacfwd(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = Fals
 
         def one_column(*basis_leaves):
             tangents = tree_util.tree_unflatten(dyn_tree, list(basis_leaves))
-            return jvp(_partial_args(fun, args, nums), dyn, tangents, has_aux=has_aux)
+            return jvp(_partial_args(fun, args, nums, kwargs), dyn, tangents, has_aux=has_aux)
 
         results = jax.vmap(one_column, out_axes=(None, -1, None) if has_aux else (None, -1))(*basis)
         y, jac = results[0], results[1]
@@ -353,14 +369,14 @@ def jacrev(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = Fals
     fname = "jacrev"
 
     @functools.wraps(fun)
-    def jacrev_f(*args):
+    def jacrev_f(*args, **kwargs):
         nums = api_util.argnums_tuple(argnums, len(args), fname)
         dyn = tuple(args[i] for i in nums)
-        api_util.check_array_leaves(dyn, "the differentiated argument", fname)
+        api_util.check_diff_args(args, nums, fname)
         for x in tree_util.tree_leaves(dyn):
             api_util.check_input_dtype(x, holomorphic=holomorphic, allow_int=allow_int,
                                        fname=fname)
-        outs = vjp(_partial_args(fun, args, nums), *dyn, has_aux=has_aux)
+        outs = vjp(_partial_args(fun, args, nums, kwargs), *dyn, has_aux=has_aux)
         y, pullback = outs[0], outs[1]
         y_leaves, y_tree = tree_util.tree_flatten(y)
         for leaf in y_leaves:
@@ -368,10 +384,18 @@ def jacrev(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = Fals
                                         fname=fname)
         basis = api_util.std_basis(y_leaves)
         cols = jax.vmap(lambda *b: pullback(tree_util.tree_unflatten(y_tree, list(b))))(*basis)
+        cols = tree_util.tree_map(_float0_as_zeros_of, cols, dyn)
         jac = _reshape_jac_rev(cols, y_leaves, y_tree, isinstance(argnums, int))
         return (jac, outs[2]) if has_aux else jac
 
     return jacrev_f
+
+
+def _float0_as_zeros_of(col, x):
+    """As jax does, the Jacobian with respect to an integer input is zeros of its dtype."""
+    if col.dtype != jaxutil.float0:
+        return col
+    return jnp.zeros(col.shape, jaxutil.typeof(x).dtype)
 
 
 def _reshape_jac_rev(cols, y_leaves, y_tree, single):
@@ -411,7 +435,11 @@ def hvp(fun: Callable, primals: Sequence[Any], tangents: Sequence[Any]) -> tuple
     >>> h.tolist()
     [6.0, 0.0]
     """
+    api_util.check_args_tuple(primals, "primals", "hvp")
+    api_util.check_args_tuple(tangents, "tangents", "hvp")
     primals, tangents = tuple(primals), tuple(tangents)
+    api_util.check_same_structure(tree_util.tree_structure(primals),
+                                  tree_util.tree_structure(tangents), "primals", "tangents", "hvp")
     all_args = tuple(range(len(primals)))
     return jvp(grad(fun, argnums=all_args), primals, tangents)[1]
 
@@ -431,13 +459,14 @@ def _check_jac_input(x, holomorphic, fname):
             f"complex inputs or integer inputs, use fungrad.jvp directly.")
 
 
-def _partial_args(fun: Callable, args: tuple, nums: Sequence[int]) -> Callable:
-    """`fun` as a function of the arguments at `nums`, the others fixed."""
+def _partial_args(fun: Callable, args: tuple, nums: Sequence[int],
+                  kwargs: dict[str, Any]) -> Callable:
+    """`fun` as a function of the arguments at `nums`, the others (and `kwargs`) fixed."""
     def f(*dyn):
         full = list(args)
         for i, x in zip(nums, dyn, strict=True):
             full[i] = x
-        return fun(*full)
+        return fun(*full, **kwargs)
     return f
 
 

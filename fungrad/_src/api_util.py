@@ -27,7 +27,8 @@ def argnums_tuple(argnums: int | Sequence[int], nargs: int, fname: str) -> tuple
         if not -nargs <= i < nargs:
             raise ValueError(
                 f"{fname}: argnums={argnums!r} is out of bounds for a function called with "
-                f"{nargs} positional argument{'s' if nargs != 1 else ''}.")
+                f"{nargs} positional argument{'s' if nargs != 1 else ''}; each index must be "
+                f"in [{-nargs}, {nargs}). Pass the arguments to differentiate positionally.")
     return tuple(i % nargs for i in nums)
 
 
@@ -44,11 +45,24 @@ def check_array_leaves(tree: Any, what: str, fname: str) -> None:
     for path, leaf in tree_util.tree_flatten_with_path(tree)[0]:
         if not is_array_like(leaf):
             where = f"{what}{tree_util.keystr(path)}"
+            fix = ("pass other values through arguments outside argnums, or close over them"
+                   if what.startswith("args") else
+                   "close over other values instead (for example with functools.partial)")
             raise TypeError(
                 f"{fname}: {where} is of type {type(leaf).__name__}, which is not a valid JAX "
                 f"type: the differentiated arguments must be arrays or numeric scalars (or "
-                f"pytrees of them). Pass other values through arguments outside argnums, "
-                f"or close over them.")
+                f"pytrees of them); {fix}.")
+
+
+def check_diff_args(args: Sequence[Any], nums: Sequence[int], fname: str) -> None:
+    """`check_array_leaves` on each differentiated positional argument, named by position."""
+    for i in nums:
+        check_array_leaves(args[i], f"args[{i}]", fname)
+
+
+def dtype_name(dtype: Any) -> str:
+    """`dtype`'s name as users write it (numpy calls float0 'void')."""
+    return "float0" if dtype == float0 else np.dtype(dtype).name
 
 
 def check_input_dtype(x: Any, *, holomorphic: bool, allow_int: bool, fname: str) -> None:
@@ -56,17 +70,20 @@ def check_input_dtype(x: Any, *, holomorphic: bool, allow_int: bool, fname: str)
     if holomorphic:
         if not jnp.issubdtype(dtype, jnp.complexfloating):
             raise TypeError(f"{fname} with holomorphic=True requires inputs with complex dtype, "
-                            f"but got {dtype.name}.")
+                            f"but got {dtype_name(dtype)}. Pass complex inputs (for example "
+                            f"x.astype(jnp.complex64)), or drop holomorphic=True.")
     elif (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_)
           or dtype == float0):
         if not allow_int:
             raise TypeError(
                 f"{fname} requires real- or complex-valued inputs (input dtype that is a "
-                f"sub-dtype of np.inexact), but got {dtype.name}. If you want to use "
-                f"integer-valued inputs, set allow_int to True.")
+                f"sub-dtype of np.inexact), but got {dtype_name(dtype)}. If you want to use "
+                f"Boolean- or integer-valued inputs, use fungrad.vjp or set allow_int to True "
+                f"(their gradient is then float0 zeros); to differentiate, pass floats "
+                f"(for example x.astype(jnp.float32)).")
     elif not jnp.issubdtype(dtype, jnp.inexact):
         raise TypeError(f"{fname} requires numerical-valued inputs (input dtype that is a "
-                        f"sub-dtype of np.bool_ or np.number), but got {dtype.name}.")
+                        f"sub-dtype of np.bool_ or np.number), but got {dtype_name(dtype)}.")
 
 
 def check_scalar_output(out: Any, *, holomorphic: bool, fname: str) -> None:
@@ -82,33 +99,47 @@ def check_output_dtype(dtype: Any, *, holomorphic: bool, fname: str) -> None:
     if holomorphic:
         if not jnp.issubdtype(dtype, jnp.complexfloating):
             raise TypeError(f"{fname} with holomorphic=True requires outputs with complex "
-                            f"dtype, but got {dtype.name}.")
+                            f"dtype, but got {dtype_name(dtype)}. A function of complex inputs "
+                            f"with real outputs is not holomorphic: drop holomorphic=True and "
+                            f"differentiate with respect to real inputs, or use fungrad.vjp.")
+    elif jnp.issubdtype(dtype, jnp.complexfloating):
+        raise TypeError(
+            f"{fname} requires real-valued outputs (output dtype that is a sub-dtype of "
+            f"np.floating), but got {dtype_name(dtype)}. For holomorphic differentiation, pass "
+            f"holomorphic=True. For differentiation of non-holomorphic functions involving "
+            f"complex outputs, use fungrad.vjp directly.")
     elif not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(
             f"{fname} requires real-valued outputs (output dtype that is a sub-dtype of "
-            f"np.floating), but got {dtype.name}. For holomorphic differentiation, pass "
-            f"holomorphic=True. For differentiation of non-holomorphic functions involving "
-            f"complex outputs, use fungrad.vjp directly.")
+            f"np.floating), but got {dtype_name(dtype)}. Integer and Boolean outputs have no "
+            f"gradient: return a float (for example y.astype(jnp.float32)), or use fungrad.vjp "
+            f"directly for functions with integer outputs.")
 
 
-def check_tangent(primal: Any, tangent: Any, what: str, fname: str) -> None:
-    """A tangent (or cotangent) must have the primal's shape and tangent dtype."""
+def check_tangent(primal: Any, tangent: Any, what: str, fname: str,
+                  primal_what: str = "the corresponding primal") -> None:
+    """A tangent (or cotangent) must have the primal's shape and tangent dtype.
+
+    `primal_what` names the value that `tangent` belongs to in the message.
+    """
     p_aval = jaxutil.typeof(primal)
     try:
         t_aval = jaxutil.typeof(tangent)
     except TypeError:
         raise TypeError(f"{fname}: {what} of type {type(tangent).__name__} is not a valid "
-                        f"JAX type; expected an array.") from None
+                        f"JAX type; expected an array of shape {p_aval.shape} and dtype "
+                        f"{dtype_name(p_aval.to_tangent_aval().dtype)}.") from None
     expected = p_aval.to_tangent_aval().dtype
     if t_aval.shape != p_aval.shape:
-        raise ValueError(f"{fname}: {what} has shape {t_aval.shape}, but the corresponding "
-                         f"primal has shape {p_aval.shape}; they must be equal.")
+        raise ValueError(f"{fname}: {what} has shape {t_aval.shape}, but {primal_what} has "
+                         f"shape {p_aval.shape}; they must be equal.")
     if t_aval.dtype != expected and not (t_aval.weak_type and _same_kind(t_aval.dtype, expected)):
-        hint = (" (integer and boolean primals take float0 tangents: "
-                "np.zeros(shape, dtype=jax.dtypes.float0))" if expected == float0 else "")
-        raise TypeError(f"{fname}: {what} has dtype {t_aval.dtype.name}, but the corresponding "
-                        f"primal has dtype {p_aval.dtype.name}, so the expected tangent dtype "
-                        f"is {expected.name}{hint}.")
+        hint = (" (integer and boolean values take float0 tangents: "
+                "np.zeros(shape, dtype=jax.dtypes.float0))" if expected == float0
+                else f" (cast it with .astype(jnp.{dtype_name(expected)}))")
+        raise TypeError(f"{fname}: {what} has dtype {dtype_name(t_aval.dtype)}, but {primal_what} "
+                        f"has dtype {dtype_name(p_aval.dtype)}, so the expected dtype is "
+                        f"{dtype_name(expected)}{hint}.")
 
 
 def _same_kind(a: Any, b: Any) -> bool:
@@ -118,14 +149,28 @@ def _same_kind(a: Any, b: Any) -> bool:
 def check_same_structure(tree_a: Any, tree_b: Any, what_a: str, what_b: str, fname: str) -> None:
     if tree_a != tree_b:
         raise TypeError(f"{fname}: {what_a} and {what_b} must have the same tree structure, "
-                        f"but {what_a} have {tree_a} and {what_b} have {tree_b}.")
+                        f"but {what_a} is {tree_a} and {what_b} is {tree_b}.")
+
+
+def check_args_tuple(value: Any, name: str, fname: str) -> None:
+    """`value` must be a tuple or list holding one entry per positional argument of fun."""
+    if not isinstance(value, (tuple, list)):
+        raise TypeError(f"{fname}: {name} must be a tuple or a list with one entry per "
+                        f"positional argument of fun, got {type(value).__name__}. Wrap a "
+                        f"single argument as ({name[:-1]},).")
 
 
 def split_aux(out: Any, fname: str) -> tuple[Any, Any]:
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        if isinstance(out, (tuple, list)):
+            got = f"a {type(out).__name__} of length {len(out)}"
+        elif is_array_like(out):
+            got = f"a single array of shape {jaxutil.typeof(out).shape}"
+        else:
+            got = f"a value of type {type(out).__name__}"
         raise TypeError(f"{fname} with has_aux=True requires the function to return a pair "
-                        f"(output, aux), but it returned {type(out).__name__}"
-                        f"{f' of length {len(out)}' if isinstance(out, (tuple, list)) else ''}.")
+                        f"(output, aux), but it returned {got}. Return (output, aux), or "
+                        f"pass has_aux=False.")
     return out[0], out[1]
 
 

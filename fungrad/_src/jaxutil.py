@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import numpy as np
 from jax._src import ad_util, core, source_info_util
-from jax._src.interpreters import mlir
+from jax._src.interpreters import batching, mlir
 from jax._src.sharding_impls import UNSPECIFIED
 from jax._src.util import weakref_lru_cache as _weakref_lru_cache
 from jax.extend.core import (
@@ -196,9 +196,28 @@ def _sub_jaxprs(params: dict) -> list[Jaxpr]:
 
 
 def register_failing_lowering(prim: Primitive, error: Callable[..., Any]) -> None:
-    """Makes compiling `prim` raise `error()`; for primitives that must be transposed away."""
+    """Makes compiling or batching `prim` raise `error()`; for primitives that must be
+    transposed away."""
     def lowering(ctx, *args, **params):
         del ctx, args, params
         raise error()
 
+    def batching_rule(args, dims, **params):
+        del args, dims, params
+        raise error()
+
     mlir.register_lowering(prim, lowering)
+    batching.primitive_batchers[prim] = batching_rule
+
+
+class ByIdentity:
+    """An equation parameter compared and hashed by identity (jax requires hashable params;
+    a user's bwd with nondiff_argnums closes over values that need not be)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"ByIdentity({self.value!r})"

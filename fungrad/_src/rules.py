@@ -24,6 +24,8 @@ zero_derivative: set[Primitive] = set()
 """Primitives whose outputs never carry a tangent (comparisons, integer ops, ...)."""
 not_applicable: set[Primitive] = set()
 """Primitives with no derivative to speak of (tokens, effects): listed by the coverage report."""
+forward_only: set[Primitive] = set()
+"""Primitives with a JVP rule whose transpose rule only raises, as jax's does (while)."""
 
 RULES_HOME = "fungrad/_src/primitives/"
 

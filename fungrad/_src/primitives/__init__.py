@@ -1,3 +1,9 @@
 """Rule families; importing this package registers every rule."""
 
-from fungrad._src.primitives import arithmetic, higher_order, structural  # noqa: F401
+from fungrad._src.primitives import (  # noqa: F401
+    arithmetic,
+    higher_order,
+    indexing,
+    reductions,
+    structural,
+)

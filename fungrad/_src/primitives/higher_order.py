@@ -47,7 +47,7 @@ def _jit_partial_eval(eqn: JaxprEqn, unknowns: Sequence[bool]):
 
 
 @jaxutil.weak_cache
-def _transpose_of_closed(closed: ClosedJaxpr, undefined: tuple[bool, ...],
+def transpose_of_closed(closed: ClosedJaxpr, undefined: tuple[bool, ...],
                          ct_nonzeros: tuple[bool, ...]) -> ClosedJaxpr:
     """`closed` transposed: (known inputs, nonzero cts) -> cts of the linear inputs."""
     jaxpr, consts = jaxutil.consts_as_invars(closed)
@@ -68,7 +68,7 @@ def _transpose_of_closed(closed: ClosedJaxpr, undefined: tuple[bool, ...],
 def _jit_transpose(cts, *args, jaxpr, **params):
     undefined = tuple(is_undefined(x) for x in args)
     ct_nonzeros = tuple(not is_zero(ct) for ct in cts)
-    body = _transpose_of_closed(jaxpr, undefined, ct_nonzeros)
+    body = transpose_of_closed(jaxpr, undefined, ct_nonzeros)
     known_in = [i for i, u in enumerate(undefined) if not u]
     linear_in = [i for i, u in enumerate(undefined) if u]
     # Cotangents of the outputs come in where known inputs did; none keeps a sharding.
@@ -149,7 +149,7 @@ def _custom_vjp_call_jvp(primals, tangents, *, call_jaxpr, fwd_jaxpr_thunk, num_
     res = [next(new_res) if f is None else primals[f] for f in input_fwds]
     assert len(res) == num_res
     out_dots = custom_lin_p.bind(
-        *res, *(t for t in arg_dots if not is_zero(t)), num_res=num_res, bwd=bwd,
+        *res, *(t for t in arg_dots if not is_zero(t)), num_res=num_res, bwd=jaxutil.ByIdentity(bwd),
         out_avals=tuple(jaxutil.typeof(x).to_tangent_aval() for x in outs),
         symbolic_zeros=symbolic_zeros, in_nonzeros=tuple(nonzeros))
     return outs, out_dots
@@ -161,7 +161,7 @@ def _custom_lin_transpose(cts, *args, num_res, bwd, out_avals, symbolic_zeros, i
         cts = [jaxutil.symbolic_zero_for_user(ct.aval) if is_zero(ct) else ct for ct in cts]
     else:
         cts = [instantiate(ct) for ct in cts]
-    cts_in = jaxutil.call_custom_bwd(bwd, args[:num_res], cts)
+    cts_in = jaxutil.call_custom_bwd(bwd.value, args[:num_res], cts)
     return [None] * num_res + [ct for ct, nz in zip(cts_in, in_nonzeros, strict=True) if nz]
 
 

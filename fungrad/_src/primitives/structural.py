@@ -1,4 +1,4 @@
-"""Shape, type and layout primitives, reductions, dot_general, and zero-derivative ops."""
+"""Shape, type and layout primitives, select_n, dot_general, and zero-derivative ops."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from jax import lax
 from fungrad._src.jaxutil import prims as p
 from fungrad._src.rules import (
     defbilinear,
-    defjvp,
-    defjvp2,
     defjvp_zero,
     deflinear,
     is_undefined,
@@ -18,10 +16,16 @@ from fungrad._src.rules import (
 )
 from fungrad._src.zeros import Zero, has_tangent_space, instantiate, is_zero
 
+
+def _shape(x):
+    """The shape of a known value or of an `UndefinedPrimal`."""
+    return x.aval.shape if is_undefined(x) else np.shape(x)
+
+
 # --- layout: linear, transposed by the inverse layout change ---------------------------
 
-
 def _broadcast_in_dim_transpose(ct, x, *dyn_shape, shape, broadcast_dimensions, sharding):
+    # Sum over the new dimensions and over the size-1 dimensions that were stretched.
     del shape, sharding
     assert not dyn_shape, "dynamic shapes are not supported"
     in_shape = x.aval.shape
@@ -33,15 +37,57 @@ def _broadcast_in_dim_transpose(ct, x, *dyn_shape, shape, broadcast_dimensions, 
 
 
 deflinear(p.broadcast_in_dim_p, _broadcast_in_dim_transpose)
-deflinear(p.reshape_p, lambda ct, x, **params: [lax.reshape(ct, x.aval.shape)])
+
+
+def _reshape_transpose(ct, x, *, new_sizes, dimensions, sharding):
+    # Reshape back; a `dimensions` permutation applied before the reshape is undone after.
+    del new_sizes, sharding
+    if dimensions is None:
+        return [lax.reshape(ct, x.aval.shape)]
+    permuted = lax.reshape(ct, tuple(x.aval.shape[d] for d in dimensions))
+    return [lax.transpose(permuted, tuple(np.argsort(dimensions)))]
+
+
+deflinear(p.reshape_p, _reshape_transpose)
 deflinear(p.squeeze_p, lambda ct, x, *, dimensions: [lax.reshape(ct, x.aval.shape)])
 deflinear(p.transpose_p,
           lambda ct, x, *, permutation: [lax.transpose(ct, tuple(np.argsort(permutation)))])
-deflinear(p.reduce_sum_p,  # transpose of a sum is a broadcast
-          lambda ct, x, *, axes, **params: [lax.broadcast_in_dim(
-              ct, x.aval.shape, tuple(i for i in range(x.aval.ndim) if i not in axes))])
+deflinear(p.rev_p, lambda ct, x, *, dimensions: [lax.rev(ct, dimensions)])  # rev is its own inverse
 deflinear(p.copy_p, lambda ct, x: [ct])
 
+
+def _concatenate_transpose(ct, *operands, dimension):
+    # Each operand's cotangent is its own slab of `ct` along `dimension`.
+    cts, start = [], 0
+    for x in operands:
+        size = _shape(x)[dimension]
+        cts.append(lax.slice_in_dim(ct, start, start + size, axis=dimension)
+                   if is_undefined(x) else None)
+        start += size
+    return cts
+
+
+deflinear(p.concatenate_p, _concatenate_transpose)
+
+
+def _pad_transpose(ct, x, padding_value, *, padding_config):
+    # Crop the edge padding (a negative pad re-grows what a negative pad cut, as zeros),
+    # then take every (interior + 1)-th element; the padding value gets everything else.
+    zero = lax.full_like(ct, 0, shape=())
+    uncropped = lax.pad(ct, zero, [(-lo, -hi, 0) for lo, hi, _ in padding_config])
+    ct_x = lax.slice(uncropped, (0,) * np.ndim(ct), np.shape(uncropped),
+                     tuple(interior + 1 for _, _, interior in padding_config))
+    ct_value = None
+    if is_undefined(padding_value):
+        everything = tuple(range(np.ndim(ct)))
+        ct_value = lax.sub(lax.reduce_sum(ct, everything), lax.reduce_sum(ct_x, everything))
+    return [ct_x if is_undefined(x) else None, ct_value]
+
+
+deflinear(p.pad_p, _pad_transpose)  # linear in the operand and the padding value jointly
+
+
+# --- convert_element_type: linear between inexact types, zero into integers ------------
 
 def _convert_element_type_jvp(primals, tangents, *, new_dtype, weak_type, sharding):
     (x,), (x_dot,) = primals, tangents
@@ -54,10 +100,12 @@ def _convert_element_type_jvp(primals, tangents, *, new_dtype, weak_type, shardi
 
 
 def _convert_element_type_transpose(ct, x, *, new_dtype, weak_type, sharding):
-    del new_dtype, sharding
-    if np.issubdtype(x.aval.dtype, np.complexfloating) or not np.iscomplexobj(ct):
-        return [lax.convert_element_type(ct, x.aval.dtype)]
-    return [lax.convert_element_type(lax.real(ct), x.aval.dtype)]
+    # Back to the input's dtype and weak type; complex -> real keeps the real part.
+    del new_dtype, weak_type, sharding
+    if np.iscomplexobj(ct) and not np.issubdtype(x.aval.dtype, np.complexfloating):
+        ct = lax.real(ct)
+    return [p.convert_element_type_p.bind(ct, new_dtype=x.aval.dtype, weak_type=x.aval.weak_type,
+                                          sharding=None)]
 
 
 jvp_rules[p.convert_element_type_p] = _convert_element_type_jvp
@@ -67,6 +115,7 @@ transpose_rules[p.convert_element_type_p] = _convert_element_type_transpose
 # --- select_n: linear in the cases, not in the predicate -------------------------------
 
 def _select_n_jvp(primals, tangents):
+    # d select_n(w, *cases) = select_n(w, *d cases)
     which, *cases = primals
     ans = lax.select_n(which, *cases)
     case_dots = tangents[1:]
@@ -76,6 +125,7 @@ def _select_n_jvp(primals, tangents):
 
 
 def _select_n_transpose(ct, which, *cases):
+    # Case i gets `ct` where `which` picks it, zero elsewhere.
     assert not is_undefined(which)
     zeros = lax.full_like(ct, 0)
     return [None] + [lax.select_n(which, *[ct if j == i else zeros for j in range(len(cases))])
@@ -111,7 +161,7 @@ def _dot_transpose_lhs(ct, x, y, *, dimension_numbers, precision, **params):
     x_free, y_free = _free_dims(x.aval.ndim, xc, xb), _free_dims(np.ndim(y), yc, yb)
     nb, nxf = len(xb), len(x_free)
     ct_y_free = tuple(range(nb + nxf, nb + nxf + len(y_free)))
-    layout = [*xb, *x_free, *(x_d for _, x_d in sorted(zip(yc, xc, strict=False)))]
+    layout = [*xb, *x_free, *(x_d for _, x_d in sorted(zip(yc, xc, strict=True)))]
     return _dot_back(ct, y, ct_y_free, tuple(y_free), tuple(yb), layout, x.aval, precision)
 
 
@@ -121,36 +171,18 @@ def _dot_transpose_rhs(ct, x, y, *, dimension_numbers, precision, **params):
     x_free, y_free = _free_dims(np.ndim(x), xc, xb), _free_dims(y.aval.ndim, yc, yb)
     nb, nxf = len(xb), len(x_free)
     ct_x_free = tuple(range(nb, nb + nxf))
-    layout = [*yb, *y_free, *(y_d for _, y_d in sorted(zip(xc, yc, strict=False)))]
+    layout = [*yb, *y_free, *(y_d for _, y_d in sorted(zip(xc, yc, strict=True)))]
     return _dot_back(ct, x, ct_x_free, tuple(x_free), tuple(xb), layout, y.aval, precision)
 
 
-defbilinear(p.dot_general_p, _dot_transpose_lhs, _dot_transpose_rhs)
+defbilinear(p.dot_general_p, _dot_transpose_lhs, _dot_transpose_rhs)  # d(xy) = dx y + x dy
 
 
-# --- reductions that choose an element ------------------------------------------------
-
-def _reduce_chooser_jvp(g, ans, x, *, axes, **params):
-    # Ties share the derivative equally, as in jax.
-    del params
-    kept = tuple(i for i in range(x.ndim) if i not in axes)
-    location = lax.convert_element_type(
-        lax.eq(x, lax.broadcast_in_dim(ans, x.shape, kept)), g.dtype)
-    counts = lax.reduce_sum(location, axes)
-    return lax.div(lax.reduce_sum(lax.mul(g, location), axes), counts)
-
-
-defjvp2(p.reduce_max_p, _reduce_chooser_jvp)
-defjvp2(p.reduce_min_p, _reduce_chooser_jvp)
-
-
-# --- zero derivative ------------------------------------------------------------------
+# --- zero derivative: comparisons, logic, bits, iota, stop_gradient --------------------
 
 for _prim in (p.stop_gradient_p, p.eq_p, p.ne_p, p.lt_p, p.le_p, p.gt_p, p.ge_p,
-              p.and_p, p.or_p, p.not_p, p.xor_p, p.argmax_p, p.argmin_p, p.iota_p,
+              p.and_p, p.or_p, p.not_p, p.xor_p, p.iota_p,
               p.shift_left_p, p.shift_right_arithmetic_p, p.shift_right_logical_p,
               p.population_count_p, p.clz_p, p.reduce_and_p, p.reduce_or_p, p.reduce_xor_p,
               p.eq_to_p, p.le_to_p, p.lt_to_p):
     defjvp_zero(_prim)
-
-del defjvp

@@ -1,0 +1,96 @@
+"""Which of jax's primitives fungrad can differentiate: ``python -m fungrad.coverage``.
+
+Lists every primitive of ``jax.extend.core.primitives`` (each ``*_p`` name) with its
+status in fungrad's rule tables, then the totals per status:
+
+- ``jvp+transpose``: a JVP rule and a transpose rule (a linear primitive, or one whose
+  tangent is expressed with itself): forward and reverse mode.
+- ``jvp``: a JVP rule only; reverse mode works as long as the JVP is written with
+  primitives that have transpose rules.
+- ``forward-only``: a JVP rule, and reverse mode raises as jax's does (``while``).
+- ``zero-derivative``: its outputs never carry a tangent (comparisons, integer ops, ...).
+- ``n/a``: no derivative to speak of (tokens, effects, ...).
+- ``missing``: no rule; differentiating through it raises an error naming it.
+
+>>> from fungrad.coverage import coverage_table
+>>> rows = {row.name: row for row in coverage_table()}
+>>> rows["sin"].status
+'jvp'
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from jax.extend.core import primitives as jax_primitives
+
+import fungrad  # noqa: F401  (importing fungrad registers every rule)
+from fungrad._src import rules
+
+STATUSES = ("jvp+transpose", "jvp", "forward-only", "zero-derivative", "n/a", "missing")
+
+
+class Row(NamedTuple):
+    """One primitive: its name in ``jax.extend.core.primitives`` (without ``_p``)."""
+
+    name: str
+    jax_name: str  # the primitive's own name, as it prints in a jaxpr
+    status: str
+
+
+def status_of(prim: object) -> str:
+    """The coverage status of one primitive object."""
+    if prim in rules.not_applicable:
+        return "n/a"
+    if prim in rules.zero_derivative:
+        return "zero-derivative"
+    if prim in rules.forward_only:
+        return "forward-only"
+    if prim in rules.jvp_rules:
+        return "jvp+transpose" if prim in rules.transpose_rules else "jvp"
+    return "missing"
+
+
+def coverage_table() -> list[Row]:
+    """One row per ``*_p`` name of ``jax.extend.core.primitives``, sorted by name."""
+    names = sorted(n[:-2] for n in dir(jax_primitives) if n.endswith("_p"))
+    prims = [getattr(jax_primitives, f"{name}_p") for name in names]
+    return [Row(name, str(prim), status_of(prim)) for name, prim in zip(names, prims, strict=True)]
+
+
+def totals(rows: Sequence[Row]) -> dict[str, int]:
+    """How many rows have each status, in the order of ``STATUSES``."""
+    counts = collections.Counter(row.status for row in rows)
+    return {status: counts[status] for status in STATUSES}
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """The rows as an aligned text table followed by the totals."""
+    width = max((len(row.name) for row in rows), default=4)
+    lines = [f"{'primitive':<{width}}  status", f"{'-' * width}  {'-' * 15}"]
+    for row in rows:
+        alias = f"  (prints as '{row.jax_name}')" if row.jax_name != row.name else ""
+        lines.append(f"{row.name:<{width}}  {row.status}{alias}")
+    lines.append("")
+    counts = totals(rows)
+    lines.append("totals: " + ", ".join(f"{status} {n}" for status, n in counts.items())
+                 + f"; {len(rows)} primitives")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fungrad.coverage", description=__doc__.split("\n")[0])
+    parser.add_argument("--status", choices=STATUSES, action="append",
+                        help="show only primitives with this status (repeatable)")
+    args = parser.parse_args(argv)
+    rows = coverage_table()
+    if args.status:
+        rows = [row for row in rows if row.status in args.status]
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Spec table for reductions, cumulative reductions and sort, and jax's conventions at ties."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from tests.harness import check_all
+
+FULL = {"jit": True}
+LIGHT = {"order": 1}
+
+
+def _with_zeros(x):
+    """`x` (3 x 5) with one zero in its first row and two in its last: prod's hard cases."""
+    return x * np.array([[1, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 0, 1, 1]], x.dtype)
+
+
+KEYS = np.array([[2, 0, 2, 1, 0], [1, 1, 1, 0, 0]])  # duplicate integer sort keys
+
+# (id, function, argument specs[, check_all options]): a shape becomes a random array of
+# the test dtype; an integer array is passed as it is.
+CASES = [
+    ("reduce_sum/axes", lambda x: jnp.sum(x ** 2, axis=(0, 2)), [(2, 3, 4)], FULL),
+    ("reduce_sum/scalar", lambda x: jnp.sum(x), [()]),
+    ("reduce_sum/size0", lambda x: jnp.sum(x, axis=0), [(0, 3)]),
+    ("reduce_max/axis", lambda x: jnp.max(x, axis=1) ** 2, [(3, 4)], FULL),
+    ("reduce_max/all_size1", lambda x: jnp.max(x), [(1, 3)]),
+    ("reduce_min/axes", lambda x: jnp.min(x ** 2, axis=(0, 2)), [(2, 3, 4)]),
+    ("reduce_min/scalar", lambda x: jnp.min(x), [()]),
+    ("reduce_prod/axis", lambda x: jnp.prod(x, axis=1), [(3, 5)], FULL),
+    ("reduce_prod/zeros", lambda x: jnp.prod(_with_zeros(x), axis=1), [(3, 5)]),
+    ("reduce_prod/zeros_all", lambda x: jnp.prod(_with_zeros(x)), [(3, 5)], LIGHT),
+    ("reduce_prod/axes", lambda x: jnp.prod(x, axis=(0, 2)), [(3, 2, 5)], LIGHT),
+    ("reduce_prod/scalar", lambda x: jnp.prod(x), [()]),
+    ("reduce_prod/size0", lambda x: jnp.prod(x, axis=0) * x.sum(), [(0, 3)], LIGHT),
+    ("argmax", lambda x: jnp.take_along_axis(x, jnp.argmax(x, 1)[:, None], 1), [(3, 4)]),
+    ("argmin", lambda x: x * jnp.argmin(x, axis=0).astype(x.dtype), [(3, 4)], LIGHT),
+    ("cumsum/axis1", lambda x: jnp.cumsum(x, axis=1) ** 2, [(3, 5)], FULL),
+    ("cumsum/reverse", lambda x: lax.cumsum(x, 0, reverse=True), [(5, 3)]),
+    ("cumsum/size0", lambda x: jnp.cumsum(x, axis=0), [(0, 3)]),
+    ("cumprod/axis1", lambda x: jnp.cumprod(x, axis=1), [(3, 5)], FULL),
+    ("cumprod/zeros_reverse", lambda x: lax.cumprod(_with_zeros(x), 1, reverse=True), [(3, 5)],
+     LIGHT),
+    ("cumprod/size1", lambda x: jnp.cumprod(x), [(1,)]),
+    ("cummax/axis1", lambda x: lax.cummax(x, 1) * x, [(3, 5)], FULL),
+    ("cummax/reverse", lambda x: lax.cummax(x, 0, reverse=True), [(5, 3)], LIGHT),
+    ("cummin/axis1", lambda x: lax.cummin(x, 1), [(3, 5)], LIGHT),
+    ("cummin/reverse_size1", lambda x: lax.cummin(x, 0, reverse=True), [(1, 3)]),
+    ("cumlogsumexp/axis1", lambda x: lax.cumlogsumexp(x, 1) ** 2, [(3, 5)], FULL),
+    ("cumlogsumexp/reverse", lambda x: lax.cumlogsumexp(3 * x, 1, reverse=True), [(3, 5)], LIGHT),
+    ("cumlogsumexp/size0", lambda x: lax.cumlogsumexp(x, 0), [(0, 2)]),
+    ("sort/axis1", lambda x: jnp.sort(x, axis=1) * x, [(3, 5)], FULL),
+    ("sort/axis0", lambda x: jnp.sort(x, axis=0), [(5, 3)]),
+    ("sort/size1_size0", lambda x, y: (jnp.sort(x), jnp.sort(y)), [(1,), (0,)]),
+    ("sort/two_operands", lambda x, y: lax.sort((x, y), num_keys=1), [(3, 5), (3, 5)]),
+    ("sort/int_keys", lambda x: lax.sort((KEYS, x), dimension=1, num_keys=1)[1], [(2, 5)]),
+    ("sort/two_keys",
+     lambda x, y: lax.sort((KEYS, -KEYS, x, y), num_keys=2)[2:], [(2, 5), (2, 5)]),
+    ("sort/argsort", lambda x: x[jnp.argsort(x)] ** 2, [(5,)]),
+]
+
+
+def _args(specs, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s).astype(dtype) if isinstance(s, tuple) else s for s in specs]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_rule(case, dtype):
+    _, fn, specs, *options = case
+    options = {"jit": False, **(options[0] if options else {})}
+    if dtype == "float32":  # every oracle runs in float64; float32 checks jvp and vjp
+        options.update(order=1, jit=False, fd=False)
+    check_all(fn, _args(specs, dtype), **options)
+
+
+# --- jax's conventions where the derivative is not unique -----------------------------
+# Finite differences do not apply at a tie; jax's own transforms are the oracle.
+
+TIES = np.array([[1.0, 3.0, 3.0, 2.0, 3.0, 0.0, 5.0, 5.0],
+                 [2.0, 2.0, 2.0, 2.0, -1.0, -1.0, 4.0, 4.0]])
+
+TIE_CASES = [
+    ("reduce_max", lambda x: jnp.max(x, axis=1)),
+    ("reduce_max_all", lambda x: jnp.max(x)),
+    ("reduce_min", lambda x: jnp.min(x, axis=1)),
+    ("cummax", lambda x: lax.cummax(x, 1)),
+    ("cummax_reverse", lambda x: lax.cummax(x, 1, reverse=True)),
+    ("cummin", lambda x: lax.cummin(x, 1)),
+    ("cumlogsumexp", lambda x: lax.cumlogsumexp(x, 1)),
+    ("sort_duplicate_keys", lambda x: lax.sort((jnp.floor(x), x * x), num_keys=1)),
+    ("sort_values", lambda x: jnp.sort(x, axis=1) * jnp.arange(8.0)),
+    ("argmax", lambda x: jnp.take_along_axis(x, jnp.argmax(x, axis=1)[:, None], axis=1)),
+    ("argmin", lambda x: x[jnp.arange(2), jnp.argmin(x, axis=1)]),
+]
+
+
+@pytest.mark.parametrize("fn", [c[1] for c in TIE_CASES], ids=[c[0] for c in TIE_CASES])
+def test_ties_follow_jax(fn):
+    check_all(fn, [TIES], fd=False, jit=False)

@@ -1,0 +1,77 @@
+"""The coverage report: every primitive listed, statuses read from the rule tables."""
+
+from jax.extend.core import Primitive
+from jax.extend.core import primitives as jax_primitives
+
+from fungrad import coverage
+from fungrad._src import rules
+
+# Primitives that plain jnp / jax.nn code is made of: each must have a rule.
+CORE = """
+add sub mul div neg max min pow integer_pow square sqrt rsqrt cbrt exp exp2 log log1p expm1
+tanh logistic sin cos tan asin acos atan atan2 sinh cosh asinh acosh atanh abs sign floor
+ceil round is_finite erf erfc erf_inv lgamma digamma select_n clamp eq ne lt le gt ge and or
+not xor convert_element_type reduce_sum reduce_max reduce_min reduce_prod argmax argmin
+broadcast_in_dim reshape squeeze transpose rev slice dynamic_slice dynamic_update_slice
+concatenate pad iota gather scatter_add dot_general cumsum cumprod cummax cummin
+cumlogsumexp copy stop_gradient sort real imag complex conj jit closed_call custom_jvp_call
+custom_vjp_call
+""".split()
+
+
+def test_every_primitive_is_listed_once():
+    rows = coverage.coverage_table()
+    names = [row.name for row in rows]
+    expected = sorted(n[:-2] for n in dir(jax_primitives) if n.endswith("_p"))
+    assert names == expected
+    assert {row.status for row in rows} <= set(coverage.STATUSES)
+    assert sum(coverage.totals(rows).values()) == len(rows)
+
+
+def test_statuses_follow_the_rule_tables():
+    rows = {row.name: row for row in coverage.coverage_table()}
+    assert rows["add"].status == "jvp+transpose"  # linear
+    assert rows["sin"].status == "jvp"
+    assert rows["lt"].status == "zero-derivative"
+    assert rows["add_jaxvals"].jax_name == "add_any"
+    fake = Primitive("fungrad_test_fake")
+    assert coverage.status_of(fake) == "missing"
+    rules.not_applicable.add(fake)
+    try:
+        assert coverage.status_of(fake) == "n/a"
+    finally:
+        rules.not_applicable.discard(fake)
+
+
+def test_core_primitives_are_covered():
+    for name in CORE:  # each name must exist in this jax, else the list is wrong
+        assert hasattr(jax_primitives, f"{name}_p"), name
+    rows = {row.name: row for row in coverage.coverage_table()}
+    missing = [name for name in CORE if rows[name].status in ("missing", "n/a")]
+    assert not missing, f"no rule for core primitives: {missing}"
+
+
+# What the JVP rules of the core primitives emit on tangents: reverse mode transposes them.
+LINEAR = """
+add add_jaxvals sub neg mul div dot_general reduce_sum broadcast_in_dim reshape transpose
+convert_element_type select_n squeeze slice pad concatenate rev gather scatter_add
+dynamic_slice dynamic_update_slice cumsum copy real imag complex conj jit
+""".split()
+
+
+def test_linear_core_primitives_can_be_transposed():
+    without = [name for name in LINEAR
+               if getattr(jax_primitives, f"{name}_p") not in rules.transpose_rules]
+    assert not without, f"no transpose rule: {without}"
+
+
+def test_printed_table(capsys):
+    coverage.main([])
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["primitive", "status"]
+    assert "totals: jvp+transpose" in out
+    for row in coverage.coverage_table()[:5]:
+        assert row.name in out
+    coverage.main(["--status", "zero-derivative"])
+    lines = capsys.readouterr().out.splitlines()
+    assert all("zero-derivative" in line for line in lines[2:-2])
