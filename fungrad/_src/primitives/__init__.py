@@ -2,6 +2,7 @@
 
 from fungrad._src.primitives import (  # noqa: F401
     arithmetic,
+    control_flow,
     higher_order,
     indexing,
     reductions,
