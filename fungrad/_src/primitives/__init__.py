@@ -5,6 +5,7 @@ from fungrad._src.primitives import (  # noqa: F401
     control_flow,
     higher_order,
     indexing,
+    linalg,
     reductions,
     structural,
 )
