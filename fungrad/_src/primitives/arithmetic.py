@@ -244,7 +244,9 @@ def _tanh_jvp(g, ans, x, *, accuracy):
         both = lax.mul(lax.logistic(lax.mul(_const(x, 2), x), accuracy=accuracy),
                        lax.logistic(lax.mul(_const(x, -2), x), accuracy=accuracy))
         return lax.mul(g, lax.mul(_const(x, 4), both))
-    return lax.mul(lax.mul(g, lax.add(_const(ans, 1), ans)), lax.sub(_const(ans, 1), ans))
+    # As g (1 - t) + g (1 - t) t: the linear part keeps t and 1 - t, and t is usually kept anyway.
+    g_one_minus = lax.mul(g, lax.sub(_const(ans, 1), ans))
+    return lax.add(g_one_minus, lax.mul(g_one_minus, ans))
 
 
 def _logistic_jvp(g, ans, x, *, accuracy):
