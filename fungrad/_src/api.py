@@ -14,6 +14,7 @@ from jax import lax, tree_util
 from fungrad._src import api_util, jaxutil
 from fungrad._src import primitives as _primitives  # noqa: F401  (registers the rules)
 from fungrad._src.capture import Captured, capture
+from fungrad._src.jaxutil import ClosedJaxpr
 from fungrad._src.jvp import fill, jvp_closed
 from fungrad._src.linearize import LinearProgram, linearize_program
 from fungrad._src.rules import UndefinedPrimal
@@ -28,7 +29,8 @@ def _trace(fun: Callable, args: Sequence[Any], diff_argnums: Sequence[int],
     """Captures `fun(*args)`; returns it with its jaxpr inputs and which are differentiated.
 
     Arrays are traced; other leaves of the non-differentiated arguments (Python numbers,
-    strings, ...) are passed to `fun` as they are.
+    strings, ...) are passed to `fun` as they are. The inputs end with the arrays `fun`
+    closes over (`captured.num_lifted` of them), never differentiated.
     """
     leaves_per_arg = [tree_util.tree_leaves(a) for a in args]
     leaves, in_tree = tree_util.tree_flatten(tuple(args))
@@ -41,15 +43,16 @@ def _trace(fun: Callable, args: Sequence[Any], diff_argnums: Sequence[int],
             if traced:
                 diff.append(is_diff)
     assert len(dynamic) == len(leaves)
-    captured = capture(fun, in_tree, leaves, dynamic)
+    captured, lifted = capture(fun, in_tree, leaves, dynamic)
+    diff = [*diff, *(False for _ in lifted)]
     if not all(diff) and jaxutil.custom_rules_close_over_inputs(captured.jaxpr.jaxpr):
         # A custom rule closes over a traced argument: trace again with the arguments that
         # are not differentiated passed as values, so the rule can still see them.
         dynamic = [d and is_d for d, is_d in zip(dynamic, _leaf_is_diff(leaves_per_arg, diff_argnums),
                                                  strict=True)]
-        captured = capture(fun, in_tree, leaves, dynamic)
+        captured, lifted = capture(fun, in_tree, leaves, dynamic, lift=False)
         diff = [True] * sum(dynamic)
-    return captured, [x for x, d in zip(leaves, dynamic, strict=True) if d], diff
+    return captured, [*(x for x, d in zip(leaves, dynamic, strict=True) if d), *lifted], diff
 
 
 def _leaf_is_diff(leaves_per_arg: list[list[Any]], diff_argnums: Sequence[int]) -> list[bool]:
@@ -60,9 +63,9 @@ def _is_traceable_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic)) or jaxutil.is_tracer(x)
 
 
-def _linearize_flat(captured: Captured, inputs: Sequence[Any], nonzeros: Sequence[bool]):
+def _linearize_flat(closed: ClosedJaxpr, inputs: Sequence[Any], nonzeros: Sequence[bool]):
     """Runs the primal part now; returns the outputs and the program with its residuals."""
-    program = linearize_program(captured.jaxpr, tuple(nonzeros))
+    program = linearize_program(closed, tuple(nonzeros))
     known = jaxutil.eval_jaxpr(program.primal, [], *program.primal_consts, *inputs)
     return known[:program.num_outs], program, known[program.num_outs:]
 
@@ -115,12 +118,24 @@ def jvp(fun: Callable, primals: Sequence[Any], tangents: Sequence[Any],
                             tree_util.tree_leaves(tangents), strict=True):
         api_util.check_tangent(x, t, f"the tangent at tangents{tree_util.keystr(path)}", "jvp")
     fun_ = _with_aux_split(fun, has_aux, "jvp")
-    captured, inputs, _ = _trace(fun_, primals, range(len(primals)), "jvp")
-    dots = [Zero.like(x) if not has_tangent_space(jaxutil.typeof(x)) else t
-            for x, t in zip(inputs, tree_util.tree_leaves(tangents), strict=True)]
-    outs, out_dots = jvp_closed(captured.jaxpr, inputs, dots)
-    out_dots = [instantiate(t) for t in out_dots]
+    captured, inputs, diff = _trace(fun_, primals, range(len(primals)), "jvp")
+    given = iter(tree_util.tree_leaves(tangents))
+    dots = [next(given) if d else None for d in diff]
+    nonzeros = tuple(d and has_tangent_space(jaxutil.typeof(x)) for x, d in zip(inputs, diff, strict=True))
+    run = _jvp_flat
+    if _all_concrete([*inputs, *tree_util.tree_leaves(tangents)]):
+        run = _compiled(_jvp_flat, captured.jaxpr, nonzeros)
+    outs, out_dots = run(captured.jaxpr, nonzeros, *inputs,
+                         *(t for t, nz in zip(dots, nonzeros, strict=True) if nz))
     return _unflatten_outs(captured, has_aux, outs, out_dots)
+
+
+def _jvp_flat(closed: ClosedJaxpr, nonzeros: tuple[bool, ...], *inputs_and_dots: Any):
+    """The outputs of `closed` and their tangents, given the tangents of the nonzero inputs."""
+    inputs, nz_dots = inputs_and_dots[:len(nonzeros)], inputs_and_dots[len(nonzeros):]
+    dots = fill(nonzeros, nz_dots, [Zero.like(x) for x in inputs])
+    outs, out_dots = jvp_closed(closed, inputs, dots)
+    return outs, [instantiate(t) for t in out_dots]
 
 
 def linearize(fun: Callable, *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:
@@ -136,9 +151,9 @@ def linearize(fun: Callable, *primals: Any, has_aux: bool = False) -> tuple[Any,
     """
     api_util.check_array_leaves(primals, "primals", "linearize")
     fun_ = _with_aux_split(fun, has_aux, "linearize")
-    captured, inputs, _ = _trace(fun_, primals, range(len(primals)), "linearize")
-    nonzeros = [has_tangent_space(jaxutil.typeof(x)) for x in inputs]
-    outs, program, residuals = _linearize_flat(captured, inputs, nonzeros)
+    captured, inputs, diff = _trace(fun_, primals, range(len(primals)), "linearize")
+    nonzeros = [d and has_tangent_space(jaxutil.typeof(x)) for x, d in zip(inputs, diff, strict=True)]
+    outs, program, residuals = _linearize_flat(captured.jaxpr, inputs, nonzeros)
     n_out = _num_outs(captured, has_aux)
     out_avals = captured.jaxpr.out_avals[:n_out]
     in_tree = tree_util.tree_structure(primals)
@@ -151,7 +166,7 @@ def linearize(fun: Callable, *primals: Any, has_aux: bool = False) -> tuple[Any,
         for (path, x), t in zip(tree_util.tree_flatten_with_path(primals)[0], flat, strict=True):
             api_util.check_tangent(x, t, f"the tangent at tangents{tree_util.keystr(path)}",
                                    "linearize's f_jvp")
-        nz = [t for t, keep in zip(flat, nonzeros, strict=True) if keep]
+        nz = [t for t, keep in zip(flat, nonzeros[:len(flat)], strict=True) if keep]
         out_dots = _linear_apply(program, residuals, nz, captured.jaxpr.out_avals)
         return tree_util.tree_unflatten(_out_tree(captured, has_aux), out_dots[:n_out])
 
@@ -176,9 +191,9 @@ def vjp(fun: Callable, *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:
     """
     api_util.check_array_leaves(primals, "primals", "vjp")
     fun_ = _with_aux_split(fun, has_aux, "vjp")
-    captured, inputs, _ = _trace(fun_, primals, range(len(primals)), "vjp")
-    nonzeros = [has_tangent_space(jaxutil.typeof(x)) for x in inputs]
-    outs, program, residuals = _linearize_flat(captured, inputs, nonzeros)
+    captured, inputs, diff = _trace(fun_, primals, range(len(primals)), "vjp")
+    nonzeros = [d and has_tangent_space(jaxutil.typeof(x)) for x, d in zip(inputs, diff, strict=True)]
+    outs, program, residuals = _linearize_flat(captured.jaxpr, inputs, nonzeros)
     n_out = _num_outs(captured, has_aux)
     spec = _VjpSpec(program, tuple(captured.jaxpr.in_avals), tuple(captured.jaxpr.out_avals),
                     n_out, tuple(nonzeros), _out_tree(captured, has_aux),
@@ -211,7 +226,7 @@ def _pullback(spec: _VjpSpec, residuals: list, ct: Any) -> tuple:
     nz_cts = _transpose_apply(spec.program, residuals, cts, nz_avals)
     zeros = [Zero(a.to_tangent_aval()) for a in spec.in_avals]
     cts_in = [instantiate(c) for c in fill(spec.nonzeros, nz_cts, zeros)]
-    return tree_util.tree_unflatten(spec.in_tree, cts_in)
+    return tree_util.tree_unflatten(spec.in_tree, cts_in[:spec.in_tree.num_leaves])  # not the lifted
 
 
 # --- grad -----------------------------------------------------------------------------
@@ -289,13 +304,13 @@ def _value_and_grad(fun, args, kwargs, nums, has_aux, holomorphic, allow_int, fn
     out_aval = captured.jaxpr.out_avals[0]
     api_util.check_scalar_output(jax.ShapeDtypeStruct(out_aval.shape, out_aval.dtype),
                                  holomorphic=holomorphic, fname=fname)
-    nonzeros = [d and has_tangent_space(jaxutil.typeof(x)) for x, d in zip(inputs, diff, strict=True)]
-    outs, program, residuals = _linearize_flat(captured, inputs, nonzeros)
-    ct = lax.full_like(outs[0], 1)  # keeps the output's weak type, so the gradient does too
-    cts = [ct, *(Zero(a.to_tangent_aval()) for a in captured.jaxpr.out_avals[n_out:])]
-    nz_avals = [jaxutil.typeof(x) for x, nz in zip(inputs, nonzeros, strict=True) if nz]
-    nz_cts = iter(_transpose_apply(program, residuals, cts, nz_avals))
-    grads_flat = [instantiate(next(nz_cts)) if nz else instantiate(Zero.like(x))
+    nonzeros = tuple(d and has_tangent_space(jaxutil.typeof(x)) for x, d in zip(inputs, diff, strict=True))
+    run = _value_and_grad_flat
+    if _all_concrete(inputs):
+        run = _compiled(_value_and_grad_flat, captured.jaxpr, nonzeros, n_out)
+    outs, nz_grads = run(captured.jaxpr, nonzeros, n_out, *inputs)
+    nz_grads = iter(nz_grads)
+    grads_flat = [next(nz_grads) if nz else instantiate(Zero.like(x))
                   for x, nz, d in zip(inputs, nonzeros, diff, strict=True) if d]
     # `_trace` orders the differentiated leaves by argument position; return them in argnums order.
     positions = sorted(set(nums))
@@ -304,6 +319,52 @@ def _value_and_grad(fun, args, kwargs, nums, has_aux, holomorphic, allow_int, fn
     grads = tuple(by_position[i] for i in nums)
     aux = tree_util.tree_unflatten(_aux_tree(captured), outs[n_out:]) if has_aux else None
     return outs[0], grads, aux
+
+
+def _value_and_grad_flat(closed: ClosedJaxpr, nonzeros: tuple[bool, ...], n_out: int,
+                         *inputs: Any) -> tuple[list[Any], list[Any]]:
+    """The outputs of `closed` and the gradient of its first with respect to the nonzeros."""
+    outs, program, residuals = _linearize_flat(closed, inputs, nonzeros)
+    ct = lax.full_like(outs[0], 1)  # keeps the output's weak type, so the gradient does too
+    cts = [ct, *(Zero(a.to_tangent_aval()) for a in closed.out_avals[n_out:])]
+    nz_avals = [jaxutil.typeof(x) for x, nz in zip(inputs, nonzeros, strict=True) if nz]
+    return outs, [instantiate(g) for g in _transpose_apply(program, residuals, cts, nz_avals)]
+
+
+# --- the compiled path of calls outside any trace ---------------------------------------
+
+
+def _all_concrete(values: Sequence[Any]) -> bool:
+    """Whether no value is traced: the call comes from eager code, not from a transform."""
+    return not any(map(jaxutil.is_tracer, values))
+
+
+@jaxutil.weak_cache
+def _compiled(flat: Callable, closed: ClosedJaxpr, *static: Any) -> Callable:
+    """`flat(closed, *static, *inputs)` compiled once per captured program and `static`.
+
+    Eager calls of fungrad's transforms run one cached executable instead of dispatching
+    every primitive of the derivative one by one; inside a trace (jax.jit, vmap, another
+    transform) the flat function is inlined instead, so the output stays plain lax.
+    """
+    compiled = jax.jit(functools.partial(flat, closed, *static))
+    num_static = 1 + len(static)
+    lowers: list[bool] = []  # whether every primitive in the program can be compiled
+
+    def run(*args):  # same signature as `flat`
+        if lowers == [False]:
+            return flat(*args)
+        try:
+            out = compiled(*args[num_static:])
+        except NotImplementedError as err:
+            if lowers or not jaxutil.is_missing_lowering(err):
+                raise
+            lowers.append(False)  # a primitive with an impl only: run it eagerly, as jax does
+            return flat(*args)
+        lowers[:] = [True]
+        return out
+
+    return run
 
 
 # --- Jacobians, Hessians --------------------------------------------------------------

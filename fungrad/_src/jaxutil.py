@@ -210,6 +210,11 @@ def register_failing_lowering(prim: Primitive, error: Callable[..., Any]) -> Non
     batching.primitive_batchers[prim] = batching_rule
 
 
+def is_missing_lowering(err: NotImplementedError) -> bool:
+    """Whether `err` says a primitive cannot be compiled (it has no MLIR lowering)."""
+    return "MLIR translation rule for primitive" in str(err)
+
+
 class ByIdentity:
     """An equation parameter compared and hashed by identity (jax requires hashable params;
     a user's bwd with nondiff_argnums closes over values that need not be)."""
