@@ -8,7 +8,9 @@ from typing import Any
 import jax
 import numpy as np
 from jax._src import ad_util, core, source_info_util
+from jax._src import linear_util as _lu
 from jax._src.interpreters import batching, mlir
+from jax._src.interpreters import partial_eval as _pe
 from jax._src.sharding_impls import UNSPECIFIED
 from jax._src.util import weakref_lru_cache as _weakref_lru_cache
 from jax.extend.core import (
@@ -70,9 +72,16 @@ def source_line(eqn: JaxprEqn) -> str:
 
 
 def trace_to_jaxpr(fun: Callable, avals: Sequence[Any]) -> ClosedJaxpr:
-    """Traces `fun(*flat_args) -> flat_outs` at the given avals to a closed jaxpr."""
-    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in avals]
-    return jax.make_jaxpr(fun)(*specs)
+    """Traces `fun(*flat_args) -> flat_outs` at the given avals to a closed jaxpr.
+
+    The avals are used whole: weak type, sharding and the mesh axes a value varies
+    over (inside a shard_map body) all reach the traced function.
+    """
+    name = getattr(fun, "__name__", "<fungrad>")
+    debug = DebugInfo("fungrad", name, None, None)
+    jaxpr, _, consts = _pe.trace_to_jaxpr_dynamic(
+        _lu.wrap_init(lambda *args: list(fun(*args)), debug_info=debug), list(avals))
+    return ClosedJaxpr(jaxpr, consts)
 
 
 def zeros_like_aval(aval) -> Any:
@@ -226,3 +235,143 @@ class ByIdentity:
 
     def __repr__(self) -> str:
         return f"ByIdentity({self.value!r})"
+
+
+# --- plumbing and collectives: primitives jax keeps outside jax.extend ----------------
+
+def _internal_prims() -> dict[str, Primitive]:
+    """Primitives that plain jax code emits but `jax.extend.core.primitives` does not list.
+
+    Looked up by name so that a primitive renamed or removed in another jax version is
+    simply absent here (its rules are then not registered) instead of an import error.
+    """
+    from jax._src import pjit
+    from jax._src import shard_map as shard_map_lib
+    from jax._src.lax import lax as lax_internal
+    from jax._src.lax import parallel
+    from jax._src.random import prng
+
+    wanted = {
+        core: ["pvary_p"],
+        lax_internal: ["optimization_barrier_p"],
+        parallel: ["psum_invariant_p", "all_gather_invariant_p", "reduce_scatter_p",
+                   "pbroadcast_p"],
+        pjit: ["reshard_p", "layout_constraint_p"],
+        prng: ["random_wrap_p", "random_unwrap_p", "iota_2x32_shape_p"],
+        shard_map_lib: ["shard_map_p"],
+    }
+    found = {}
+    for module, names in wanted.items():
+        for name in names:
+            prim = getattr(module, name, None)
+            if isinstance(prim, Primitive):
+                found[name] = prim
+    return found
+
+
+internal_prims: dict[str, Primitive] = _internal_prims()
+
+
+def device_put_transpose_params(devices: tuple, srcs: tuple, copy_semantics: tuple) -> dict:
+    """Params of the `device_put` that sends cotangents back where the primals came from."""
+    from jax._src.dispatch import ArrayCopySemantics
+
+    if any(c == ArrayCopySemantics.DONATE_INPUT for c in copy_semantics):
+        raise ValueError("fungrad cannot transpose device_put(..., donate=True): a donated "
+                         "buffer has no cotangent to send back. Drop donate=True.")
+    return dict(devices=srcs, srcs=devices,
+                copy_semantics=(ArrayCopySemantics.ALWAYS_COPY,) * len(devices))
+
+
+def varying_axes(aval: Any) -> frozenset:
+    """The manual mesh axes over which a value inside `shard_map` varies."""
+    mat = getattr(aval, "mat", None)
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", frozenset()))
+
+
+def shard_map_residual_spec(aval: Any, mesh: Any, newly_manual_axes: frozenset,
+                            check_vma: bool) -> Any:
+    """The spec of a residual carried out of a `shard_map` with a leading singleton dim:
+    its per-shard values stacked along dim 0 over the axes it varies along."""
+    from jax.sharding import PartitionSpec
+
+    names = varying_axes(aval) if check_vma else newly_manual_axes
+    ordered = tuple(n for n in mesh.axis_names if n in names)
+    return PartitionSpec(ordered) if ordered else PartitionSpec()
+
+
+def shard_map_global_aval(aval: Any, spec: Any, *, mesh: Any, check_vma: bool,
+                          newly_manual_axes: frozenset) -> Any:
+    """The aval outside `shard_map` of a per-shard `aval` leaving through `spec`."""
+    del newly_manual_axes
+    return core.unshard_aval(mesh, check_vma, spec, aval)
+
+
+def shard_map_local_aval(aval: Any, spec: Any, *, mesh: Any, check_vma: bool,
+                         newly_manual_axes: frozenset) -> Any:
+    """The per-shard aval inside `shard_map` of a global `aval` entering through `spec`."""
+    return core.shard_aval(mesh, newly_manual_axes, check_vma, spec, aval)
+
+
+def trace_in_shard_map(fun: Callable, avals: Sequence[Any], *, mesh: Any,
+                       newly_manual_axes: frozenset, check_vma: bool) -> tuple[Jaxpr, list[Any]]:
+    """Traces `fun(*per_shard_args) -> list` as a `shard_map` body (collectives allowed).
+
+    Returns an open jaxpr and the constants it closes over (its constvars).
+    """
+    from jax._src import config
+    from jax._src import linear_util as lu
+    from jax._src import shard_map as shard_map_lib
+    from jax._src.interpreters import partial_eval as pe
+    from jax._src.mesh import use_abstract_mesh
+
+    inner = shard_map_lib._as_manual_mesh(mesh, frozenset(newly_manual_axes))
+    debug = DebugInfo("fungrad", "<fungrad shard_map body>", None, None)
+    with (shard_map_lib._extend_axis_env(mesh, frozenset(newly_manual_axes)),
+          use_abstract_mesh(inner), config._check_vma(check_vma)):
+        jaxpr, _, consts = pe.trace_to_jaxpr_dynamic(
+            lu.wrap_init(lambda *a: list(fun(*a)), debug_info=debug), list(avals))
+    return jaxpr, list(consts)
+
+
+def replicated_spec() -> Any:
+    from jax.sharding import PartitionSpec
+
+    return PartitionSpec()
+
+
+def bind_shard_map(args: Sequence[Any], params: dict) -> list[Any]:
+    """Runs a `shard_map` equation with these params on `args` (values or tracers)."""
+    prim = internal_prims["shard_map_p"]
+    return list(prim.bind(*args, **prim.get_bind_params(params)))
+
+
+def jit_transpose_params(params: dict, closed: ClosedJaxpr, known_in: Sequence[int],
+                         ct_in: Sequence[int], linear_in: Sequence[int]) -> dict:
+    """Params of the transpose of a `jit` equation, with shardings and layouts as jax's.
+
+    The new inputs are the known inputs `known_in`, then the cotangents of outputs
+    `ct_in` (which keep those outputs' shardings); the new outputs are the cotangents of
+    the linear inputs `linear_in`, which keep those inputs' shardings.
+    """
+    def pick(key: str, idx: Sequence[int]) -> tuple:
+        return tuple(params[key][i] for i in idx)
+
+    return dict(
+        params,
+        jaxpr=closed,
+        in_shardings=pick("in_shardings", known_in) + pick("out_shardings", ct_in),
+        in_layouts=pick("in_layouts", known_in) + pick("out_layouts", ct_in),
+        out_shardings=pick("in_shardings", linear_in),
+        out_layouts=pick("in_layouts", linear_in),
+        donated_invars=(False,) * (len(known_in) + len(ct_in)),
+    )
+
+
+def cotangent_spec(spec: Any) -> Any:
+    """The `shard_map` spec of the cotangent of a value with this spec (reduced and
+    unreduced axes trade places; a plain spec is its own)."""
+    to_ct = getattr(spec, "to_ct_spec", None)
+    return spec if to_ct is None else to_ct()

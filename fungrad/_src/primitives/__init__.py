@@ -2,10 +2,12 @@
 
 from fungrad._src.primitives import (  # noqa: F401
     arithmetic,
+    collectives,
     control_flow,
     higher_order,
     indexing,
     linalg,
+    plumbing,
     reductions,
     structural,
 )

@@ -71,11 +71,11 @@ def _jit_transpose(cts, *args, jaxpr, **params):
     body = transpose_of_closed(jaxpr, undefined, ct_nonzeros)
     known_in = [i for i, u in enumerate(undefined) if not u]
     linear_in = [i for i, u in enumerate(undefined) if u]
-    # Cotangents of the outputs come in where known inputs did; none keeps a sharding.
-    in_like = [*known_in, *[None] * ct_nonzeros.count(True)]
+    # As jax: a cotangent keeps the sharding of its output, or of its input (for the results).
+    ct_in = [i for i, nz in enumerate(ct_nonzeros) if nz]
     cts_in = prims.jit_p.bind(
         *(x for x in args if not is_undefined(x)), *(ct for ct in cts if not is_zero(ct)),
-        **jaxutil.jit_params(params, body, in_like, [None] * len(linear_in)))
+        **jaxutil.jit_transpose_params(params, body, known_in, ct_in, linear_in))
     return merge(undefined, cts_in, [None] * len(known_in))
 
 
