@@ -28,7 +28,7 @@ from typing import NamedTuple
 from jax.extend.core import primitives as jax_primitives
 
 import fungrad  # noqa: F401  (importing fungrad registers every rule)
-from fungrad._src import rules
+from fungrad._src import jaxutil, rules
 
 STATUSES = ("jvp+transpose", "jvp", "forward-only", "zero-derivative", "n/a", "missing")
 
@@ -55,10 +55,17 @@ def status_of(prim: object) -> str:
 
 
 def coverage_table() -> list[Row]:
-    """One row per ``*_p`` name of ``jax.extend.core.primitives``, sorted by name."""
+    """One row per ``*_p`` name of ``jax.extend.core.primitives``, sorted by name, then
+    the primitives plain jax code emits that it does not list (``jnp.stack``'s ``stack``,
+    ``shard_map``, ...), marked ``*``."""
     names = sorted(n[:-2] for n in dir(jax_primitives) if n.endswith("_p"))
     prims = [getattr(jax_primitives, f"{name}_p") for name in names]
-    return [Row(name, str(prim), status_of(prim)) for name, prim in zip(names, prims, strict=True)]
+    rows = [Row(name, str(prim), status_of(prim)) for name, prim in zip(names, prims, strict=True)]
+    listed = set(prims)
+    for key, prim in sorted(jaxutil.internal_prims.items()):
+        if prim not in listed:
+            rows.append(Row(f"*{key[:-2]}", f"*{prim}", status_of(prim)))
+    return rows
 
 
 def totals(rows: Sequence[Row]) -> dict[str, int]:

@@ -253,7 +253,7 @@ def _internal_prims() -> dict[str, Primitive]:
 
     wanted = {
         core: ["pvary_p"],
-        lax_internal: ["optimization_barrier_p"],
+        lax_internal: ["optimization_barrier_p", "split_p", "stack_p", "unstack_p", "tile_p"],
         parallel: ["psum_invariant_p", "all_gather_invariant_p", "reduce_scatter_p",
                    "pbroadcast_p"],
         pjit: ["reshard_p", "layout_constraint_p"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from jax import lax
 
+from fungrad._src import jaxutil
 from fungrad._src.jaxutil import prims as p
 from fungrad._src.rules import (
     defbilinear,
@@ -68,6 +69,45 @@ def _concatenate_transpose(ct, *operands, dimension):
 
 
 deflinear(p.concatenate_p, _concatenate_transpose)
+
+
+# jax emits these for jnp.split, jnp.stack, lax.unstack and jnp.tile without listing them
+# in jax.extend.core.primitives: jaxutil looks them up.
+_split_p, _stack_p = jaxutil.internal_prims["split_p"], jaxutil.internal_prims["stack_p"]
+_unstack_p, _tile_p = jaxutil.internal_prims["unstack_p"], jaxutil.internal_prims["tile_p"]
+
+
+def _split_transpose(cts, x, *, sizes, axis):
+    # The pieces' cotangents side by side again; a zero piece contributes zeros.
+    del sizes
+    return [lax.concatenate([instantiate(ct) for ct in cts], axis)]
+
+
+def _stack_transpose(ct, *operands, axis):
+    # Operand i's cotangent is slice i of `ct` along the new axis.
+    return [lax.index_in_dim(ct, i, axis, keepdims=False) if is_undefined(x) else None
+            for i, x in enumerate(operands)]
+
+
+def _unstack_transpose(cts, x, *, axis):
+    # The pieces stacked back along `axis`; a zero piece contributes zeros.
+    return [_stack_p.bind(*(instantiate(ct) for ct in cts), axis=axis)]
+
+
+def _tile_transpose(ct, x, *, reps):
+    # Each element of x appears once per tile: sum the tiles, split off as leading axes.
+    shape = _shape(x)
+    lead = len(reps) - len(shape)
+    full = (1,) * lead + tuple(shape)
+    split = tuple(d for r, n in zip(reps, full, strict=True) for d in (r, n))
+    summed = lax.reduce_sum(lax.reshape(ct, split), tuple(range(0, 2 * len(reps), 2)))
+    return [lax.reshape(summed, tuple(shape))]
+
+
+deflinear(_split_p, _split_transpose)  # split and concatenate transpose into each other
+deflinear(_stack_p, _stack_transpose)  # stack and unstack likewise
+deflinear(_unstack_p, _unstack_transpose)
+deflinear(_tile_p, _tile_transpose)  # tile's transpose sums the tiles
 
 
 def _pad_transpose(ct, x, padding_value, *, padding_config):
