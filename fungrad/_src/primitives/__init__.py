@@ -4,10 +4,12 @@ from fungrad._src.primitives import (  # noqa: F401
     arithmetic,
     collectives,
     control_flow,
+    convolution,
     higher_order,
     indexing,
     linalg,
     plumbing,
     reductions,
     structural,
+    windows,
 )
