@@ -1,4 +1,5 @@
-"""Spec table for the indexing rules: slice, dynamic_slice, dynamic_update_slice, gather, scatter-add."""
+"""Spec table for the indexing rules: slice, dynamic_slice, dynamic_update_slice, gather, every
+scatter, top_k; and jax's conventions at colliding indices, ties and out-of-bounds modes."""
 
 import jax
 import jax.numpy as jnp
@@ -6,10 +7,16 @@ import numpy as np
 import pytest
 from jax import lax
 
+import fungrad
+from fungrad.testing import check_grads
 from tests.harness import check_all
 
 IDX = np.array([2, 0, 2])  # a repeated index: the transposes must add, not overwrite
 OUT_OF_BOUNDS = np.array([1, 5, -7])
+UNIQUE = np.array([3, 0, 2])
+SORTED = np.array([0, 2, 2, 3])
+CLIPPED = np.array([1, 5, -7, 9])  # 5 and 9 both clip to the last row: a collision
+FACTORS = np.array([0.5, -2.0, 3.0])  # constant updates of scatter_mul
 FULL = {"jit": True}
 LIGHT = {"order": 1}
 
@@ -75,6 +82,50 @@ CASES = [
      lambda x, u: lax.scatter_add(x, OUT_OF_BOUNDS[:, None], u, _scatter_rows(),
                                   mode=lax.GatherScatterMode.CLIP), [(3, 4), (3, 4)]),
     ("scatter_add/size0", lambda x, u: x.at[np.zeros(0, np.int32)].add(u), [(3,), (0,)], LIGHT),
+    # scatter (set): the tangent of the update that was written, the operand's elsewhere
+    ("scatter/rows_repeated", lambda x, u: x.at[IDX].set(u * x[:3]) ** 2, [(3, 4), (3, 4)], FULL),
+    ("scatter/unique", lambda x, u: x.at[UNIQUE].set(u, unique_indices=True) * x,
+     [(4, 2), (3, 2)], FULL),
+    ("scatter/sorted", lambda x, u: x.at[SORTED].set(u, indices_are_sorted=True), [(4,), (4,)]),
+    ("scatter/columns", lambda x, u: x.at[:, IDX].set(u), [(3, 4), (3, 3)]),
+    ("scatter/scalar_update", lambda x, u: x.at[IDX].set(u), [(4,), ()]),
+    ("scatter/operand_only", lambda x: x.at[IDX].set(2.0) * x, [(4,)]),
+    ("scatter/updates_only", lambda u: jnp.zeros((3, 4), u.dtype).at[IDX].set(u), [(3, 4)]),
+    ("scatter/drop", lambda x, u: x.at[OUT_OF_BOUNDS].set(u, mode="drop"), [(4,), (3,)]),
+    ("scatter/fill", lambda x, u: x.at[OUT_OF_BOUNDS].set(u, mode="fill") * x, [(4,), (3,)]),
+    ("scatter/clip", lambda x, u: x.at[CLIPPED].set(u, mode="clip"), [(4, 2), (4, 2)]),
+    ("scatter/promise", lambda x, u: x.at[IDX].set(u, mode="promise_in_bounds"), [(4,), (3,)]),
+    ("scatter/lax_clip_unique",
+     lambda x, u: lax.scatter(x, OUT_OF_BOUNDS[:, None], u, _scatter_rows(), unique_indices=True,
+                              mode=lax.GatherScatterMode.CLIP), [(4, 3), (3, 3)]),
+    ("scatter/two_arrays", lambda x, u: x.at[IDX, np.array([0, 3, 0])].set(u), [(3, 4), (3,)]),
+    ("scatter/size0", lambda x, u: x.at[np.zeros(0, np.int32)].set(u), [(3,), (0,)], LIGHT),
+    # scatter_mul: in the operand always; in the updates with unique indices only (as jax)
+    ("scatter_mul/operand", lambda x: x.at[IDX].mul(FACTORS.astype(x.dtype)) * x, [(4,)], FULL),
+    ("scatter_mul/unique", lambda x, u: x.at[UNIQUE].mul(u, unique_indices=True),
+     [(4, 2), (3, 2)], FULL),
+    ("scatter_mul/rows", lambda x: x.at[IDX].mul(FACTORS[:, None].astype(x.dtype)), [(3, 2)]),
+    ("scatter_mul/drop_unique",
+     lambda x, u: x.at[OUT_OF_BOUNDS].mul(u, mode="drop", unique_indices=True), [(4,), (3,)]),
+    ("scatter_mul/clip", lambda x: x.at[CLIPPED].mul(2.0, mode="clip"), [(4,)]),
+    # scatter_min / scatter_max with colliding indices (ties are below)
+    ("scatter_max/rows", lambda x, u: x.at[IDX].max(u) ** 2, [(3, 4), (3, 4)], FULL),
+    ("scatter_min/rows", lambda x, u: x.at[IDX].min(u), [(3, 4), (3, 4)], FULL),
+    ("scatter_max/unique", lambda x, u: x.at[UNIQUE].max(u, unique_indices=True), [(4,), (3,)]),
+    ("scatter_min/scalar_update", lambda x, u: x.at[IDX].min(u), [(4,), ()]),
+    ("scatter_max/drop", lambda x, u: x.at[OUT_OF_BOUNDS].max(u, mode="drop"), [(4,), (3,)]),
+    ("scatter_min/operand_only", lambda x: x.at[IDX].min(0.1) * x, [(4,)]),
+    ("scatter_max/updates_only", lambda u: jnp.zeros(4, u.dtype).at[IDX].max(u), [(3,)]),
+    ("scatter_max/segment_max",
+     lambda u: jax.ops.segment_max(u, np.array([0, 2, 0, 1, 2]), num_segments=3), [(5, 2)]),
+    ("scatter_min/size0", lambda x, u: x.at[np.zeros(0, np.int32)].min(u), [(3,), (0,)], LIGHT),
+    # top_k: the tangents at the chosen indices
+    ("top_k/last_axis", lambda x: lax.top_k(x, 2)[0] ** 2, [(3, 5)], FULL),
+    ("top_k/vector_all", lambda x: lax.top_k(x, 4)[0] * jnp.arange(4.0, dtype=x.dtype), [(4,)]),
+    ("top_k/k1_indices", lambda x: (lax.top_k(x, 1)[0], lax.top_k(x, 1)[1]), [(2, 3, 4)]),
+    ("top_k/k0", lambda x: lax.top_k(x, 0)[0], [(3,)], LIGHT),
+    ("approx_max_k", lambda x: lax.approx_max_k(x, 2)[0] ** 2, [(3, 5)]),
+    ("approx_min_k/axis0", lambda x: lax.approx_min_k(x, 2, reduction_dimension=0)[0], [(4, 3)]),
 ]
 
 
@@ -92,3 +143,61 @@ def test_rule(case, dtype):
         options.update(order=1, jit=False, fd=False)
     check_all(fn, _args(specs, dtype), **options)
 
+
+
+# --- jax's conventions at collisions and ties ---------------------------------------------
+# Finite differences do not apply at a tie; jax's own transforms are the oracle. The
+# operand and updates hold equal values, so winners tie with each other and with the
+# operand, in every combination.
+
+TIE_X = np.array([1.0, 3.0, 2.0, 5.0, 0.0, 4.0])
+TIE_U = np.array([3.0, 3.0, 2.0, 1.0, 5.0, 5.0, 4.0, 0.5])
+TIE_IDX = np.array([1, 1, 2, 2, 3, 0, 0, 5])  # [1]: 3 vs 3 vs 3; [3]: 5 vs 5 ...
+TIE_KEYS = np.array([[2.0, 1.0, 2.0, 0.0, 1.0, 2.0], [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]])
+
+TIE_CASES = [
+    ("scatter_max", lambda x, u: x.at[TIE_IDX].max(u)),
+    ("scatter_min", lambda x, u: x.at[TIE_IDX].min(u)),
+    ("scatter_min_drop", lambda x, u: x.at[TIE_IDX + 1].min(u, mode="drop")),
+    ("scatter_set_repeated", lambda x, u: x.at[TIE_IDX].set(u)),
+    ("scatter_set_clip", lambda x, u: x.at[TIE_IDX + 2].set(u, mode="clip")),
+    ("top_k_ties", lambda x, u: lax.top_k(u, 5)[0] * x[0]),
+    ("sort_ties", lambda x, u: (jnp.sort(u) * jnp.arange(8.0), jnp.sort(x))),
+    ("argsort_ties", lambda x, u: u[jnp.argsort(u)] * jnp.arange(8.0)),
+    ("argsort_descending", lambda x, u: u[jnp.argsort(-u, stable=True)] ** 2),
+    ("lax_sort_two_keys",
+     lambda x, u: lax.sort((TIE_KEYS, -TIE_KEYS, TIE_KEYS * x, x ** 2 + TIE_KEYS), num_keys=2)),
+    ("lax_sort_float_keys",
+     lambda x, u: lax.sort((jnp.floor(u / 2), u, u ** 2), num_keys=2)),
+    ("lax_sort_keys_differentiated",
+     lambda x, u: lax.sort((u, jnp.floor(u), u * 3), num_keys=3, is_stable=True)),
+]
+
+
+@pytest.mark.parametrize("fn", [c[1] for c in TIE_CASES], ids=[c[0] for c in TIE_CASES])
+def test_ties_follow_jax(fn):
+    check_all(fn, [TIE_X, TIE_U], fd=False, jit=True)
+
+
+@pytest.mark.parametrize("method", ["min", "max"])
+def test_scatter_extremal_clip_out_of_bounds(method):
+    # With mode="clip" and an index out of bounds, jax 0.10's scatter_min/max JVP gives NaN
+    # (its internal gathers fill out-of-bounds reads with NaN instead of clipping them);
+    # fungrad clips them like the scatter, so finite differences are the oracle here.
+    x, u = np.array([1.0, 3.0, 2.0, 5.0]), np.array([0.5, 4.0, 2.5, 7.0])
+    def f(x, u):
+        return getattr(x.at[CLIPPED], method)(u, mode="clip")
+
+    check_grads(f, (x, u), order=2)
+
+
+def test_scatter_mul_repeated_updates_refuse_like_jax():
+    x, u = np.arange(1.0, 5.0), np.array([2.0, 3.0, 4.0])
+    def f(x, u):
+        return x.at[IDX].mul(u)
+
+    for lib in (jax, fungrad):
+        with pytest.raises(NotImplementedError, match="unique_indices"):
+            lib.jvp(f, (x, u), (x, u))
+        with pytest.raises(NotImplementedError, match="unique_indices"):
+            lib.vjp(f, x, u)[1](x)

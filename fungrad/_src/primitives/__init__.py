@@ -5,11 +5,13 @@ from fungrad._src.primitives import (  # noqa: F401
     collectives,
     control_flow,
     convolution,
+    fft,
     higher_order,
     indexing,
     linalg,
     plumbing,
     reductions,
+    special,
     structural,
     windows,
 )
