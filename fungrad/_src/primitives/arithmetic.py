@@ -244,9 +244,9 @@ def _tanh_jvp(g, ans, x, *, accuracy):
         both = lax.mul(lax.logistic(lax.mul(_const(x, 2), x), accuracy=accuracy),
                        lax.logistic(lax.mul(_const(x, -2), x), accuracy=accuracy))
         return lax.mul(g, lax.mul(_const(x, 4), both))
-    # As g (1 - t) + g (1 - t) t: the linear part keeps t and 1 - t, and t is usually kept anyway.
-    g_one_minus = lax.mul(g, lax.sub(_const(ans, 1), ans))
-    return lax.add(g_one_minus, lax.mul(g_one_minus, ans))
+    # As (g + g t)(1 - t): the linear part keeps t (usually kept anyway) and 1 - t, and in
+    # forward mode only the tangent g itself is read twice.
+    return lax.mul(lax.add(g, lax.mul(g, ans)), lax.sub(_const(ans, 1), ans))
 
 
 def _logistic_jvp(g, ans, x, *, accuracy):
