@@ -186,3 +186,23 @@ def check_all(f: Callable, args: Sequence[Any], *, seed: int = 0, order: int = 2
         assert_close(actual[name], expected[name], err_msg=name, **tol)
     if fd and "fwd" in modes:
         check_finite_differences(f, args, rng)
+
+
+def spec_args(specs: Sequence[Any], dtype: Any, seed: int = 0) -> list[Any]:
+    """Random normal arrays of `dtype` for the shape tuples in `specs`; other entries as given."""
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s).astype(dtype) if isinstance(s, tuple) else s for s in specs]
+
+
+def check_case(case: Sequence[Any], args: Sequence[Any], *, light: bool) -> None:
+    """`check_all` on one spec-table row `(name, fun, specs[, options])`.
+
+    A `light` row (single precision: every oracle also runs in double) checks first
+    order against jax only, without second order or finite differences.
+    """
+    _, fn, _, *options = case
+    opts = dict(options[0]) if options else {}
+    if light:
+        opts.update(order=1, fd=False)
+    check_all(fn, args, **opts)
+

@@ -389,7 +389,7 @@ def jacfwd(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = Fals
         dyn = tuple(args[i] for i in nums)
         api_util.check_diff_args(args, nums, fname)
         for x in tree_util.tree_leaves(dyn):
-            _check_jac_input(x, holomorphic, fname)
+            api_util.check_jacfwd_input_dtype(x, holomorphic=holomorphic, fname=fname)
 
         dyn_leaves, dyn_tree = tree_util.tree_flatten(dyn)
         basis = api_util.std_basis(dyn_leaves)
@@ -506,18 +506,6 @@ def hvp(fun: Callable, primals: Sequence[Any], tangents: Sequence[Any]) -> tuple
 
 
 # --- helpers --------------------------------------------------------------------------
-
-
-def _check_jac_input(x, holomorphic, fname):
-    dtype = jaxutil.typeof(x).dtype
-    if holomorphic:
-        api_util.check_input_dtype(x, holomorphic=True, allow_int=False, fname=fname)
-    elif not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(
-            f"{fname} requires real-valued inputs (input dtype that is a sub-dtype of "
-            f"np.floating), but got {dtype.name}. For holomorphic differentiation, pass "
-            f"holomorphic=True. For differentiation of non-holomorphic functions involving "
-            f"complex inputs or integer inputs, use fungrad.jvp directly.")
 
 
 def _partial_args(fun: Callable, args: tuple, nums: Sequence[int],

@@ -86,6 +86,20 @@ def check_input_dtype(x: Any, *, holomorphic: bool, allow_int: bool, fname: str)
                         f"sub-dtype of np.bool_ or np.number), but got {dtype_name(dtype)}.")
 
 
+def check_jacfwd_input_dtype(x: Any, *, holomorphic: bool, fname: str) -> None:
+    """Forward-mode Jacobians need real floating inputs (complex ones with holomorphic)."""
+    if holomorphic:
+        check_input_dtype(x, holomorphic=True, allow_int=False, fname=fname)
+        return
+    dtype = jaxutil.typeof(x).dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"{fname} requires real-valued inputs (input dtype that is a sub-dtype of "
+            f"np.floating), but got {dtype_name(dtype)}. For holomorphic differentiation, pass "
+            f"holomorphic=True. For differentiation of non-holomorphic functions involving "
+            f"complex inputs or integer inputs, use fungrad.jvp directly.")
+
+
 def check_scalar_output(out: Any, *, holomorphic: bool, fname: str) -> None:
     aval = jaxutil.typeof(out)
     if aval.shape != ():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from tests.harness import check_all
+from tests.harness import check_case
 
 FFT, IFFT, RFFT, IRFFT = (lax.FftType.FFT, lax.FftType.IFFT, lax.FftType.RFFT,
                           lax.FftType.IRFFT)
@@ -84,8 +84,4 @@ def _args(specs, precision, seed=0):
 @pytest.mark.parametrize("precision", ["single", "double"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_rule(case, precision):
-    _, fn, specs, *options = case
-    options = {"jit": True, **(options[0] if options else {})}
-    if precision == "single":  # every oracle runs in double; single checks jvp and vjp
-        options.update(order=1, fd=False)
-    check_all(fn, _args(specs, precision), **options)
+    check_case(case, _args(case[2], precision), light=precision == "single")

@@ -9,7 +9,7 @@ from jax import lax
 
 import fungrad
 from fungrad.testing import check_grads
-from tests.harness import check_all
+from tests.harness import check_all, check_case, spec_args
 
 IDX = np.array([2, 0, 2])  # a repeated index: the transposes must add, not overwrite
 OUT_OF_BOUNDS = np.array([1, 5, -7])
@@ -129,19 +129,10 @@ CASES = [
 ]
 
 
-def _args(specs, dtype, seed=0):
-    rng = np.random.default_rng(seed)
-    return [rng.standard_normal(s).astype(dtype) if isinstance(s, tuple) else s for s in specs]
-
-
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_rule(case, dtype):
-    _, fn, specs, *options = case
-    options = {"jit": False, **(options[0] if options else {})}
-    if dtype == "float32":  # every oracle runs in float64; float32 checks jvp and vjp
-        options.update(order=1, jit=False, fd=False)
-    check_all(fn, _args(specs, dtype), **options)
+    check_case(case, spec_args(case[2], dtype), light=dtype == "float32")
 
 
 

@@ -10,7 +10,7 @@ from jax import lax
 
 import fungrad
 from fungrad.testing import check_grads
-from tests.harness import assert_close, check_all
+from tests.harness import assert_close, check_case
 
 LIGHT = {"order": 1}  # jax has no second derivative here (its rule needs igamma_grad_a's)
 NOFD = {"fd": False}  # piecewise constant or kinked: jax is the only oracle
@@ -108,11 +108,7 @@ PARAMS = [pytest.param(case, dtype, id=f"{case[0]}-{dtype}")
 
 @pytest.mark.parametrize(("case", "dtype"), PARAMS)
 def test_rule(case, dtype):
-    _, fn, specs, *options = case
-    options = {"jit": True, **(options[0] if options else {})}
-    if dtype == "float32":  # every oracle runs in float64; float32 checks jvp and vjp
-        options.update(order=1, fd=False)
-    check_all(fn, _args(specs, dtype), **options)
+    check_case(case, _args(case[2], dtype), light=dtype == "float32")
 
 
 # --- derivatives jax lacks: fungrad's own, checked with finite differences ---------------

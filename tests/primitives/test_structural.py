@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from tests.harness import check_all
+from tests.harness import check_case, spec_args
 
 
 def _other_float(x):
@@ -108,16 +108,7 @@ CASES = [
 ]
 
 
-def _args(shapes, dtype, seed=0):
-    rng = np.random.default_rng(seed)
-    return [rng.standard_normal(s).astype(dtype) for s in shapes]
-
-
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_rule(case, dtype):
-    _, fn, shapes, *options = case
-    options = dict(options[0]) if options else {}
-    if dtype == "float32":  # every oracle runs in float64; float32 checks jvp and vjp
-        options.update(order=1, jit=False, fd=False)
-    check_all(fn, _args(shapes, dtype), **options)
+    check_case(case, spec_args(case[2], dtype), light=dtype == "float32")
