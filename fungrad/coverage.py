@@ -9,6 +9,8 @@ status in fungrad's rule tables, then the totals per status:
   primitives that have transpose rules.
 - ``forward-only``: a JVP rule, and reverse mode raises as jax's does (``while``).
 - ``zero-derivative``: its outputs never carry a tangent (comparisons, integer ops, ...).
+- ``discharged``: a ref primitive (``jax.new_ref``, reads, writes): the refs a function
+  creates are turned into plain values before differentiation, so no rule is needed.
 - ``n/a``: no derivative to speak of (tokens, effects, ...).
 - ``missing``: no rule; differentiating through it raises an error naming it.
 
@@ -30,7 +32,8 @@ from jax.extend.core import primitives as jax_primitives
 import fungrad  # noqa: F401  (importing fungrad registers every rule)
 from fungrad._src import jaxutil, rules
 
-STATUSES = ("jvp+transpose", "jvp", "forward-only", "zero-derivative", "n/a", "missing")
+STATUSES = ("jvp+transpose", "jvp", "forward-only", "zero-derivative", "discharged", "n/a",
+            "missing")
 
 
 class Row(NamedTuple):
@@ -43,6 +46,8 @@ class Row(NamedTuple):
 
 def status_of(prim: object) -> str:
     """The coverage status of one primitive object."""
+    if prim in rules.discharged:
+        return "discharged"
     if prim in rules.not_applicable:
         return "n/a"
     if prim in rules.zero_derivative:

@@ -81,7 +81,19 @@ def trace_to_jaxpr(fun: Callable, avals: Sequence[Any]) -> ClosedJaxpr:
     debug = DebugInfo("fungrad", name, None, None)
     jaxpr, _, consts = _pe.trace_to_jaxpr_dynamic(
         _lu.wrap_init(lambda *args: list(fun(*args)), debug_info=debug), list(avals))
-    return ClosedJaxpr(jaxpr, consts)
+    closed = ClosedJaxpr(jaxpr, consts)
+    if core.internal_mutable_array_effect in jaxpr.effects:
+        closed = discharge_refs(closed)
+    return closed
+
+
+def discharge_refs(closed: ClosedJaxpr) -> ClosedJaxpr:
+    """The same program with the refs it creates (`jax.new_ref`, ...) turned into plain
+    values threaded through it: reads and writes become value flow, so no rule ever sees
+    a ref (a program transformation, not differentiation)."""
+    from jax._src.state.discharge import discharge_state
+
+    return discharge_state(closed, should_discharge=False)
 
 
 def zeros_like_aval(aval) -> Any:
@@ -237,31 +249,51 @@ class ByIdentity:
         return f"ByIdentity({self.value!r})"
 
 
-# --- plumbing and collectives: primitives jax keeps outside jax.extend ----------------
+# --- primitives jax keeps outside jax.extend --------------------------------------------
+
+_INTERNAL_PRIMS = {
+    "jax._src.core": ["pvary_p", "ref_p", "freeze_p", "empty_ref_p", "free_ref_p"],
+    "jax._src.lax.lax": ["optimization_barrier_p", "split_p", "stack_p", "unstack_p", "tile_p",
+                         "mulhi_p", "empty_p", "composite_p", "ragged_dot_general_p"],
+    "jax._src.lax.slicing": ["scatter_sub_p"],
+    "jax._src.lax.linalg": ["lu_pivots_to_permutation_p", "geqrf_p", "geqp3_p", "ormqr_p",
+                            "cholesky_update_p", "symmetric_product_p"],
+    "jax._src.lax.parallel": ["psum_invariant_p", "all_gather_invariant_p", "reduce_scatter_p",
+                              "pbroadcast_p"],
+    "jax._src.lax.control_flow.conditionals": ["platform_index_p"],
+    "jax._src.pjit": ["reshard_p", "layout_constraint_p"],
+    "jax._src.random.prng": ["random_wrap_p", "random_unwrap_p", "iota_2x32_shape_p"],
+    "jax._src.random.core": ["random_clone_p"],
+    "jax._src.random.threefry4x32": ["threefry4x32_p"],
+    "jax._src.random.philox2x32": ["philox2x32_p"],
+    "jax._src.random.philox4x32": ["philox4x32_p"],
+    "jax._src.shard_map": ["shard_map_p"],
+    "jax._src.shard_alike": ["shard_alike_p"],
+    "jax._src.state.primitives": ["addupdate_p"],
+    "jax._src.debugging": ["debug_callback_p", "debug_print_p", "inspect_sharding_p"],
+    "jax._src.callback": ["pure_callback_p", "io_callback_p"],
+    "jax._src.ffi": ["ffi_call_p"],
+    "jax._src.custom_batching": ["custom_vmap_p"],
+    "jax._src.custom_derivatives": ["linear_call_p"],
+    "jax._src.checkify": ["check_p"],
+}
+
 
 def _internal_prims() -> dict[str, Primitive]:
-    """Primitives that plain jax code emits but `jax.extend.core.primitives` does not list.
+    """Primitives that plain jax code emits but `jax.extend.core.primitives` does not list
+    (`jnp.stack`'s `stack`, `.at[].subtract`'s `scatter-sub`, `jax.debug.print`, ...).
 
     Looked up by name so that a primitive renamed or removed in another jax version is
     simply absent here (its rules are then not registered) instead of an import error.
     """
-    from jax._src import pjit
-    from jax._src import shard_map as shard_map_lib
-    from jax._src.lax import lax as lax_internal
-    from jax._src.lax import parallel
-    from jax._src.random import prng
+    import importlib
 
-    wanted = {
-        core: ["pvary_p"],
-        lax_internal: ["optimization_barrier_p", "split_p", "stack_p", "unstack_p", "tile_p"],
-        parallel: ["psum_invariant_p", "all_gather_invariant_p", "reduce_scatter_p",
-                   "pbroadcast_p"],
-        pjit: ["reshard_p", "layout_constraint_p"],
-        prng: ["random_wrap_p", "random_unwrap_p", "iota_2x32_shape_p"],
-        shard_map_lib: ["shard_map_p"],
-    }
     found = {}
-    for module, names in wanted.items():
+    for module_name, names in _INTERNAL_PRIMS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
         for name in names:
             prim = getattr(module, name, None)
             if isinstance(prim, Primitive):

@@ -26,6 +26,8 @@ not_applicable: set[Primitive] = set()
 """Primitives with no derivative to speak of (tokens, effects): listed by the coverage report."""
 forward_only: set[Primitive] = set()
 """Primitives with a JVP rule whose transpose rule only raises, as jax's does (while)."""
+discharged: set[Primitive] = set()
+"""State primitives (refs): discharged into plain values before any rule runs."""
 
 RULES_HOME = "fungrad/_src/primitives/"
 
@@ -90,6 +92,17 @@ def defjvp_zero(prim: Primitive) -> None:
 
     jvp_rules[prim] = rule
     zero_derivative.add(prim)
+
+
+def refuse(prim: Primitive, message: str) -> None:
+    """`prim` has no derivative (n/a): differentiating through it raises `message`, which
+    should say why and what to write instead."""
+    def rule(primals, tangents, **params):
+        del primals, tangents, params
+        raise NotImplementedError(message)
+
+    jvp_rules[prim] = rule
+    not_applicable.add(prim)
 
 
 def deflinear(prim: Primitive, transpose: TransposeRule) -> None:

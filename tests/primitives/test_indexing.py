@@ -83,6 +83,8 @@ CASES = [
                                   mode=lax.GatherScatterMode.CLIP), [(3, 4), (3, 4)]),
     ("scatter_add/size0", lambda x, u: x.at[np.zeros(0, np.int32)].add(u), [(3,), (0,)], LIGHT),
     # scatter (set): the tangent of the update that was written, the operand's elsewhere
+    ("scatter_sub/rows", lambda x, u: x.at[IDX].subtract(u * x[:3]) ** 2, [(3, 4), (3, 4)], FULL),
+    ("scatter_sub/drop", lambda x, u: x.at[OUT_OF_BOUNDS].subtract(u), [(4,), (3,)]),
     ("scatter/rows_repeated", lambda x, u: x.at[IDX].set(u * x[:3]) ** 2, [(3, 4), (3, 4)], FULL),
     ("scatter/unique", lambda x, u: x.at[UNIQUE].set(u, unique_indices=True) * x,
      [(4, 2), (3, 2)], FULL),

@@ -12,6 +12,7 @@ from fungrad._src.primitives import (  # noqa: F401
     plumbing,
     reductions,
     special,
+    state,
     structural,
     windows,
 )

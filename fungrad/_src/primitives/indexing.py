@@ -1,4 +1,5 @@
-"""Indexing primitives: slice, dynamic_slice, dynamic_update_slice, gather, every scatter, top_k.
+"""Indexing primitives: slice, dynamic_slice, dynamic_update_slice, gather, every scatter
+(set, add, subtract, mul, min, max), top_k.
 
 The scatters follow jax's conventions where updates collide (jax/_src/lax/slicing.py):
 `scatter` (set) keeps the tangent of the one update that was written; `scatter_min` and
@@ -14,6 +15,7 @@ from functools import partial
 import numpy as np
 from jax import lax
 
+from fungrad._src import jaxutil
 from fungrad._src.jaxutil import prims as p
 from fungrad._src.rules import deflinear, is_undefined, jvp_rules, transpose_rules
 from fungrad._src.zeros import Zero, add_tangents, instantiate, is_zero
@@ -135,14 +137,13 @@ jvp_rules[p.gather_p] = _gather_jvp
 transpose_rules[p.gather_p] = _gather_transpose
 
 
-def _scatter_add_jvp(primals, tangents, **params):
-    # d x.at[idx].add(u) = dx.at[idx].add(du)
+def _scatter_add_jvp(prim, primals, tangents, **params):
+    # d x.at[idx].add(u) = dx.at[idx].add(du), and likewise for subtract
     (x, indices, updates), (x_dot, _, updates_dot) = primals, tangents
-    ans = p.scatter_add_p.bind(x, indices, updates, **params)
+    ans = prim.bind(x, indices, updates, **params)
     if is_zero(x_dot) and is_zero(updates_dot):
         return ans, Zero.like(ans)
-    return ans, p.scatter_add_p.bind(instantiate(x_dot), indices, instantiate(updates_dot),
-                                     **params)
+    return ans, prim.bind(instantiate(x_dot), indices, instantiate(updates_dot), **params)
 
 
 def _window_sizes(dnums: lax.ScatterDimensionNumbers, updates_shape, operand_ndim: int):
@@ -165,19 +166,23 @@ def _shape(x):
     return x.aval.shape if is_undefined(x) else np.shape(x)
 
 
-def _scatter_add_transpose(ct, x, indices, updates, *, update_jaxpr, update_consts,
+def _scatter_add_transpose(sign, ct, x, indices, updates, *, update_jaxpr, update_consts,
                            **params):
-    # x gets `ct`; each update gets the window of `ct` it was added to (0 if dropped).
+    # x gets `ct`; each update gets (sign times) the window of `ct` it went to (0 if dropped).
     del update_jaxpr, update_consts
     assert not is_undefined(indices)
     ct_updates = None
     if is_undefined(updates):
         ct_updates = _gather_back(ct, indices, updates.aval.shape, **params)
+        ct_updates = ct_updates if sign > 0 else lax.neg(ct_updates)
     return [ct if is_undefined(x) else None, None, ct_updates]
 
 
-jvp_rules[p.scatter_add_p] = _scatter_add_jvp
-transpose_rules[p.scatter_add_p] = _scatter_add_transpose
+_scatter_sub_p = jaxutil.internal_prims["scatter_sub_p"]  # `.at[].subtract`
+jvp_rules[p.scatter_add_p] = partial(_scatter_add_jvp, p.scatter_add_p)
+transpose_rules[p.scatter_add_p] = partial(_scatter_add_transpose, +1)
+jvp_rules[_scatter_sub_p] = partial(_scatter_add_jvp, _scatter_sub_p)
+transpose_rules[_scatter_sub_p] = partial(_scatter_add_transpose, -1)
 
 
 def _scatter_add(x, indices, updates, *, dimension_numbers, indices_are_sorted,

@@ -220,9 +220,16 @@ defbilinear(p.dot_general_p, _dot_transpose_lhs, _dot_transpose_rhs)  # d(xy) = 
 
 # --- zero derivative: comparisons, logic, bits, iota, stop_gradient --------------------
 
+_internal = jaxutil.internal_prims
 for _prim in (p.stop_gradient_p, p.eq_p, p.ne_p, p.lt_p, p.le_p, p.gt_p, p.ge_p,
               p.and_p, p.or_p, p.not_p, p.xor_p, p.iota_p,
               p.shift_left_p, p.shift_right_arithmetic_p, p.shift_right_logical_p,
               p.population_count_p, p.clz_p, p.reduce_and_p, p.reduce_or_p, p.reduce_xor_p,
-              p.eq_to_p, p.le_to_p, p.lt_to_p):
+              p.eq_to_p, p.le_to_p, p.lt_to_p,
+              # reinterpreting bits is not a smooth map (jax agrees: zero derivative)
+              p.bitcast_convert_type_p):
     defjvp_zero(_prim)
+# integer results, or no inputs at all (`lax.empty`, `lax.platform_dependent`'s index)
+for _name in ("mulhi_p", "empty_p", "lu_pivots_to_permutation_p", "platform_index_p"):
+    if _name in _internal:
+        defjvp_zero(_internal[_name])

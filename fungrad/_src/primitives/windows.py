@@ -121,17 +121,11 @@ transpose_rules[p.select_and_scatter_add_p] = _select_and_scatter_add_transpose
 
 # --- select_and_scatter: general select and scatter computations; jax has no rule ---------
 
-def _select_and_scatter_jvp(primals, tangents, **params):
-    del primals, tangents, params
-    raise NotImplementedError(
-        "fungrad cannot differentiate select_and_scatter (a select-and-scatter with "
-        "arbitrary select and scatter computations); jax has no derivative for it either. "
-        "Write the scatter as an addition (select_and_scatter_add), which is linear in "
-        "its source.")
-
-
-jvp_rules[p.select_and_scatter_p] = _select_and_scatter_jvp
-rules.not_applicable.add(p.select_and_scatter_p)
+rules.refuse(p.select_and_scatter_p,
+             "fungrad cannot differentiate select_and_scatter (a select-and-scatter with "
+             "arbitrary select and scatter computations); jax has no derivative for it either. "
+             "Write the scatter as an addition (select_and_scatter_add), which is linear in "
+             "its source.")
 
 
 # --- reduce_window with a computation: forward mode over (value, tangent) pairs ---------
