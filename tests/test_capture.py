@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import fungrad
 from tests.harness import assert_close
@@ -72,3 +73,78 @@ def test_eager_calls_run_a_compiled_program_with_jax_semantics():
         got, want = fungrad.grad(f)(x), jax.grad(f)(x)
         assert jax.typeof(got) == jax.typeof(want)
         assert_close(got, want)
+
+
+def _count_calls(monkeypatch, name):
+    """Counts the calls of fungrad._src.api.`name`: a compiled path runs it only while
+    jax.jit traces, so a second eager call that hits the cache does not run it at all."""
+    from fungrad._src import api
+
+    calls = []
+    original = getattr(api, name)
+
+    def counting(*args, **kwargs):
+        calls.append(None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(api, name, counting)
+    return calls
+
+
+def test_eager_jacobians_run_one_cached_compiled_program(monkeypatch):
+    calls = _count_calls(monkeypatch, "_transform_flat")
+    cases = [
+        (fungrad.jacfwd, jax.jacfwd, {}),
+        (fungrad.jacrev, jax.jacrev, {"argnums": (0,)}),
+        (fungrad.hessian, jax.hessian, {}),
+    ]
+    for ours, theirs, kw in cases:
+        for step, x in enumerate(_batches(2)):
+            calls.clear()
+            got = ours(lambda w: _loss(w, x, 2.0), **kw)(W)  # noqa: B023  (a new closure)
+            assert calls == ([None] if step == 0 else [])
+            assert_close(got, theirs(lambda w: _loss(w, x, 2.0), **kw)(W))  # noqa: B023
+
+
+def test_eager_jacobians_keep_kwargs_aux_and_static_leaves():
+    def f(w, config, *, shift):
+        y = jnp.tanh(w * config["scale"] + shift)
+        return y, {"norm": jnp.sum(y) if config["name"] == "layer" else None}
+
+    w = jnp.arange(3.0)
+    config = {"scale": 2.0, "name": "layer"}
+    for ours, theirs in [(fungrad.jacfwd, jax.jacfwd), (fungrad.jacrev, jax.jacrev)]:
+        jac, aux = ours(f, has_aux=True)(w, config, shift=jnp.float32(0.5))
+        want_jac, want_aux = theirs(lambda w, c, *, shift: (f(w, c, shift=shift)[0],
+                                                             f(w, c, shift=shift)[1]["norm"]),
+                                    has_aux=True)(w, config, shift=jnp.float32(0.5))
+        assert_close(jac, want_jac)
+        assert_close(aux["norm"], want_aux)
+
+
+def test_python_code_that_branches_on_an_array_argument_gets_the_tracing_note():
+    def f(x, n):
+        return x ** 3 if n > 2 else x ** 2
+
+    with pytest.raises(jax.errors.TracerBoolConversionError,
+                       match="array arguments, differentiated or not.*Python number"):
+        fungrad.jacfwd(f)(jnp.arange(3.0), jnp.asarray(3))
+    x = jnp.arange(3.0)
+    assert_close(fungrad.jacfwd(f)(x, 3), jax.jacfwd(f)(x, 3))
+
+
+def test_eager_vjp_and_linearize_run_compiled_programs(monkeypatch):
+    x = _batches(1)[0]
+    for name in ("_primal_flat", "_pullback_flat", "_linear_flat"):
+        calls = _count_calls(monkeypatch, name)
+        for step in range(2):
+            calls.clear()
+            _, pullback = fungrad.vjp(_loss, W, x)
+            _, f_jvp = fungrad.linearize(_loss, W, x)
+            got = pullback(jnp.ones(()))
+            assert_close(got, jax.vjp(_loss, W, x)[1](jnp.ones(())))
+            assert_close(f_jvp(W, x), jax.jvp(_loss, (W, x), (W, x))[1])
+            assert len(calls) == (0 if step else 1)  # vjp and linearize share the primal
+        # Inside a trace the pullback is inlined, not compiled separately.
+        assert_close(jax.jit(pullback)(jnp.ones(())), got)
+        assert_close(jax.vmap(pullback)(jnp.ones(3))[0][1], got[0])

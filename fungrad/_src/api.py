@@ -65,9 +65,17 @@ def _is_traceable_array(x: Any) -> bool:
 
 def _linearize_flat(closed: ClosedJaxpr, inputs: Sequence[Any], nonzeros: Sequence[bool]):
     """Runs the primal part now; returns the outputs and the program with its residuals."""
-    program = linearize_program(closed, tuple(nonzeros))
+    nonzeros = tuple(nonzeros)
+    run = _compiled(_primal_flat, closed, nonzeros) if _all_concrete(inputs) else _primal_flat
+    outs, residuals = run(closed, nonzeros, *inputs)
+    return outs, linearize_program(closed, nonzeros), residuals
+
+
+def _primal_flat(closed: ClosedJaxpr, nonzeros: tuple[bool, ...], *inputs: Any):
+    """The outputs of `closed` and the residuals its linear part needs."""
+    program = linearize_program(closed, nonzeros)
     known = jaxutil.eval_jaxpr(program.primal, [], *program.primal_consts, *inputs)
-    return known[:program.num_outs], program, known[program.num_outs:]
+    return known[:program.num_outs], known[program.num_outs:]
 
 
 def _linear_apply(program: LinearProgram, residuals: Sequence[Any], nz_dots: Sequence[Any],
@@ -152,10 +160,10 @@ def linearize(fun: Callable, *primals: Any, has_aux: bool = False) -> tuple[Any,
     api_util.check_array_leaves(primals, "primals", "linearize")
     fun_ = _with_aux_split(fun, has_aux, "linearize")
     captured, inputs, diff = _trace(fun_, primals, range(len(primals)), "linearize")
-    nonzeros = [d and has_tangent_space(jaxutil.typeof(x)) for x, d in zip(inputs, diff, strict=True)]
-    outs, program, residuals = _linearize_flat(captured.jaxpr, inputs, nonzeros)
+    nonzeros = tuple(d and has_tangent_space(jaxutil.typeof(x))
+                     for x, d in zip(inputs, diff, strict=True))
+    outs, _, residuals = _linearize_flat(captured.jaxpr, inputs, nonzeros)
     n_out = _num_outs(captured, has_aux)
-    out_avals = captured.jaxpr.out_avals[:n_out]
     in_tree = tree_util.tree_structure(primals)
 
     def f_jvp(*tangents):
@@ -167,11 +175,20 @@ def linearize(fun: Callable, *primals: Any, has_aux: bool = False) -> tuple[Any,
             api_util.check_tangent(x, t, f"the tangent at tangents{tree_util.keystr(path)}",
                                    "linearize's f_jvp")
         nz = [t for t, keep in zip(flat, nonzeros[:len(flat)], strict=True) if keep]
-        out_dots = _linear_apply(program, residuals, nz, captured.jaxpr.out_avals)
+        run = _linear_flat
+        if _all_concrete([*residuals, *nz]):
+            run = _compiled(_linear_flat, captured.jaxpr, nonzeros, len(residuals))
+        out_dots = run(captured.jaxpr, nonzeros, len(residuals), *residuals, *nz)
         return tree_util.tree_unflatten(_out_tree(captured, has_aux), out_dots[:n_out])
 
-    del out_avals
     return _finish(captured, has_aux, outs, f_jvp)
+
+
+def _linear_flat(closed: ClosedJaxpr, nonzeros: tuple[bool, ...], num_residuals: int,
+                 *residuals_and_dots: Any) -> list[Any]:
+    """The output tangents of `closed`, given the residuals and the nonzero input tangents."""
+    residuals, dots = residuals_and_dots[:num_residuals], residuals_and_dots[num_residuals:]
+    return _linear_apply(linearize_program(closed, nonzeros), residuals, dots, closed.out_avals)
 
 
 # --- vjp ------------------------------------------------------------------------------
@@ -193,10 +210,9 @@ def vjp(fun: Callable, *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:
     fun_ = _with_aux_split(fun, has_aux, "vjp")
     captured, inputs, diff = _trace(fun_, primals, range(len(primals)), "vjp")
     nonzeros = [d and has_tangent_space(jaxutil.typeof(x)) for x, d in zip(inputs, diff, strict=True)]
-    outs, program, residuals = _linearize_flat(captured.jaxpr, inputs, nonzeros)
+    outs, _, residuals = _linearize_flat(captured.jaxpr, inputs, nonzeros)
     n_out = _num_outs(captured, has_aux)
-    spec = _VjpSpec(program, tuple(captured.jaxpr.in_avals), tuple(captured.jaxpr.out_avals),
-                    n_out, tuple(nonzeros), _out_tree(captured, has_aux),
+    spec = _VjpSpec(captured.jaxpr, n_out, tuple(nonzeros), _out_tree(captured, has_aux),
                     tree_util.tree_structure(primals))
     vjp_fun = tree_util.Partial(functools.partial(_pullback, spec), residuals)
     return _finish(captured, has_aux, outs, vjp_fun)
@@ -205,9 +221,9 @@ def vjp(fun: Callable, *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:
 class _VjpSpec:
     """What a pullback needs besides the residuals; static, so hashed by identity."""
 
-    def __init__(self, program, in_avals, out_avals, num_outs, nonzeros, out_tree, in_tree):
-        self.program, self.in_avals, self.out_avals = program, in_avals, out_avals
-        self.num_outs, self.nonzeros = num_outs, nonzeros
+    def __init__(self, closed, num_outs, nonzeros, out_tree, in_tree):
+        self.closed, self.num_outs, self.nonzeros = closed, num_outs, nonzeros
+        self.in_avals, self.out_avals = tuple(closed.in_avals), tuple(closed.out_avals)
         self.out_tree, self.in_tree = out_tree, in_tree
 
 
@@ -220,13 +236,24 @@ def _pullback(spec: _VjpSpec, residuals: list, ct: Any) -> tuple:
         api_util.check_tangent(jax.ShapeDtypeStruct(aval.shape, aval.dtype), c,
                                f"the cotangent{' at ' + path if path else ''}", "vjp_fun",
                                primal_what="the corresponding output of fun")
-    aux_zeros = [Zero(a.to_tangent_aval()) for a in spec.out_avals[spec.num_outs:]]
-    cts = [*flat_cts, *aux_zeros]
-    nz_avals = [a for a, nz in zip(spec.in_avals, spec.nonzeros, strict=True) if nz]
-    nz_cts = _transpose_apply(spec.program, residuals, cts, nz_avals)
+    run = _pullback_flat
+    if _all_concrete([*residuals, *flat_cts]):
+        run = _compiled(_pullback_flat, spec.closed, spec.nonzeros, spec.num_outs, len(residuals))
+    nz_cts = run(spec.closed, spec.nonzeros, spec.num_outs, len(residuals), *residuals, *flat_cts)
     zeros = [Zero(a.to_tangent_aval()) for a in spec.in_avals]
     cts_in = [instantiate(c) for c in fill(spec.nonzeros, nz_cts, zeros)]
     return tree_util.tree_unflatten(spec.in_tree, cts_in[:spec.in_tree.num_leaves])  # not the lifted
+
+
+def _pullback_flat(closed: ClosedJaxpr, nonzeros: tuple[bool, ...], num_outs: int,
+                   num_residuals: int, *residuals_and_cts: Any) -> list[Any]:
+    """Cotangents of the nonzero-tangent inputs, given the residuals and the cotangents
+    of the first `num_outs` outputs (the others, aux, get none)."""
+    residuals, cts = residuals_and_cts[:num_residuals], residuals_and_cts[num_residuals:]
+    aux_zeros = [Zero(a.to_tangent_aval()) for a in closed.out_avals[num_outs:]]
+    nz_avals = [a for a, nz in zip(closed.in_avals, nonzeros, strict=True) if nz]
+    return _transpose_apply(linearize_program(closed, nonzeros), residuals,
+                            [*cts, *aux_zeros], nz_avals)
 
 
 # --- grad -----------------------------------------------------------------------------
@@ -367,6 +394,65 @@ def _compiled(flat: Callable, closed: ClosedJaxpr, *static: Any) -> Callable:
     return run
 
 
+def _compiled_call(transform: Callable, config: tuple, fun: Callable, args: tuple,
+                   kwargs: dict, diff_argnums: Sequence[int]) -> tuple[bool, Any]:
+    """`transform(fun, *config)(*args, **kwargs)` as one cached compiled program.
+
+    Taken when the call comes from eager code: `fun` is captured (cached by its structure,
+    so a closure made per call hits), and the transform of the captured program runs in
+    one `jax.jit` compiled per program and `config`. Returns `(False, None)` where that
+    path does not apply (traced inputs, a differentiated leaf that is not an array,
+    unhashable static leaves): the caller then runs the transform as it is.
+    """
+    leaves, in_tree = tree_util.tree_flatten((args, kwargs))
+    if not _all_concrete(leaves):
+        return False, None
+    dynamic = [_is_traceable_array(x) for x in leaves]
+    diff = _leaf_is_diff([tree_util.tree_leaves(a) for a in args], diff_argnums)
+    # `diff` covers the positional leaves, which come first; the kwargs are never differentiated.
+    if not all(d for d, is_d in zip(dynamic, diff, strict=False) if is_d):
+        return False, None
+    statics = tuple(x for x, d in zip(leaves, dynamic, strict=True) if not d)
+    try:
+        hash(statics)
+    except TypeError:
+        return False, None
+    captured, lifted = capture(_call_with_kwargs(fun), in_tree, leaves, dynamic)
+    run = _compiled(_transform_flat, captured.jaxpr, transform, config, in_tree,
+                    tuple(dynamic), statics, captured.out_tree)
+    inputs = [x for x, d in zip(leaves, dynamic, strict=True) if d]
+    return True, run(captured.jaxpr, transform, config, in_tree, tuple(dynamic), statics,
+                     captured.out_tree, *inputs, *lifted)
+
+
+def _call_with_kwargs(fun: Callable) -> Callable:
+    def call(args, kwargs):
+        return fun(*args, **kwargs)
+    return call
+
+
+def _transform_flat(closed: ClosedJaxpr, transform: Callable, config: tuple, in_tree: Any,
+                    dynamic: tuple[bool, ...], statics: tuple, out_tree: Any,
+                    *inputs: Any) -> Any:
+    """`transform(replay, *config)` at the arguments, where `replay` runs the captured
+    program of the user's function on the array leaves of its arguments."""
+    num_dynamic = sum(dynamic)
+    lifted = inputs[num_dynamic:]
+
+    def with_statics(dyn_leaves):
+        it_dyn, it_static = iter(dyn_leaves), iter(statics)
+        return [next(it_dyn) if d else next(it_static) for d in dynamic]
+
+    def replay(*args, **kwargs):
+        leaves = tree_util.tree_leaves((args, kwargs))
+        flat = [x for x, d in zip(leaves, dynamic, strict=True) if d]
+        outs = jaxutil.eval_jaxpr(closed.jaxpr, closed.consts, *flat, *lifted)
+        return tree_util.tree_unflatten(out_tree, outs)
+
+    args, kwargs = tree_util.tree_unflatten(in_tree, with_statics(inputs[:num_dynamic]))
+    return transform(replay, *config)(*args, **kwargs)
+
+
 # --- Jacobians, Hessians --------------------------------------------------------------
 
 
@@ -390,6 +476,10 @@ def jacfwd(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = Fals
         api_util.check_diff_args(args, nums, fname)
         for x in tree_util.tree_leaves(dyn):
             api_util.check_jacfwd_input_dtype(x, holomorphic=holomorphic, fname=fname)
+        done, jac = _compiled_call(jacfwd, (_hashable(argnums), has_aux, holomorphic),
+                                   fun, args, kwargs, nums)
+        if done:
+            return jac
 
         dyn_leaves, dyn_tree = tree_util.tree_flatten(dyn)
         basis = api_util.std_basis(dyn_leaves)
@@ -437,6 +527,10 @@ def jacrev(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = Fals
         for x in tree_util.tree_leaves(dyn):
             api_util.check_input_dtype(x, holomorphic=holomorphic, allow_int=allow_int,
                                        fname=fname)
+        done, jac = _compiled_call(jacrev, (_hashable(argnums), has_aux, holomorphic, allow_int),
+                                   fun, args, kwargs, nums)
+        if done:
+            return jac
         outs = vjp(_partial_args(fun, args, nums, kwargs), *dyn, has_aux=has_aux)
         y, pullback = outs[0], outs[1]
         y_leaves, y_tree = tree_util.tree_flatten(y)
@@ -506,6 +600,10 @@ def hvp(fun: Callable, primals: Sequence[Any], tangents: Sequence[Any]) -> tuple
 
 
 # --- helpers --------------------------------------------------------------------------
+
+
+def _hashable(argnums: int | Sequence[int]) -> int | tuple[int, ...]:
+    return argnums if isinstance(argnums, int) else tuple(argnums)
 
 
 def _partial_args(fun: Callable, args: tuple, nums: Sequence[int],

@@ -201,5 +201,6 @@ def _cell_contents(cell: Any) -> Any:
 
 _TRACING_NOTE = (
     "fungrad traces the function to a jaxpr before differentiating it, as jax.jit does, "
-    "so Python control flow cannot depend on the values of differentiated arguments. "
-    "Use lax.cond, lax.select or jnp.where instead.")
+    "so Python control flow cannot depend on the values of its array arguments, "
+    "differentiated or not. Use lax.cond, lax.select or jnp.where instead, or pass a "
+    "value that only steers Python code as a Python number.")
