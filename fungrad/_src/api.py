@@ -376,20 +376,20 @@ def _compiled(flat: Callable, closed: ClosedJaxpr, *static: Any) -> Callable:
     """
     compiled = jax.jit(functools.partial(flat, closed, *static))
     num_static = 1 + len(static)
-    lowers: list[bool] = []  # whether every primitive in the program can be compiled
+    eager_only: list[bool] = []  # set once a primitive of the program could not be compiled
 
     def run(*args):  # same signature as `flat`
-        if lowers == [False]:
+        if eager_only:
             return flat(*args)
         try:
-            out = compiled(*args[num_static:])
-        except NotImplementedError as err:
-            if lowers or not jaxutil.is_missing_lowering(err):
+            return compiled(*args[num_static:])
+        except (NotImplementedError, ValueError) as err:
+            # Whether a program lowers can depend on the context (`check` lowers inside
+            # `checkify`), so an earlier success does not rule this out.
+            if not jaxutil.is_missing_lowering(err):
                 raise
-            lowers.append(False)  # a primitive with an impl only: run it eagerly, as jax does
-            return flat(*args)
-        lowers[:] = [True]
-        return out
+        eager_only.append(True)  # a primitive with an impl only: run it eagerly, as jax does
+        return flat(*args)
 
     return run
 

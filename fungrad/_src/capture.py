@@ -136,12 +136,12 @@ def _decompose_function(fun: types.FunctionType, depth: int) -> _Shape:
 def _decompose_partial(fun: functools.partial, depth: int) -> _Shape:
     func = _decompose(fun.func, True, depth + 1)
     args = _decompose_value(fun.args, depth)
-    kwargs = _decompose_value(fun.keywords, depth)
+    kwargs = _decompose_value(tuple(fun.keywords.items()), depth)  # a new dict per partial
     parts = [func, args, kwargs]
 
     def rebuild(arrays: list[Any]) -> Callable:
         new_func, new_args, new_kwargs = _rebuild_all(parts, arrays)
-        return functools.partial(new_func, *new_args, **new_kwargs)
+        return functools.partial(new_func, *new_args, **dict(new_kwargs))
 
     return _combine(("partial", tuple(p.key for p in parts)), parts, rebuild, held=[])
 
@@ -153,6 +153,13 @@ def _decompose_value(value: Any, depth: int) -> _Shape:
         return _Shape(shape.key, shape.lifted, shape.held, shape.rebuild)
     leaves, treedef = tree_util.tree_flatten(value)
     is_array = [_is_liftable(x) for x in leaves]
+    if not any(is_array):
+        # Nothing to lift: the function keeps the object itself, so that a list it appends
+        # to (say from a callback) is the caller's list. A mutable container is keyed by
+        # identity, since its contents may change after the trace.
+        key = (("id", id(value)) if isinstance(value, (list, dict, set))
+               else ("tree", treedef, tuple(map(_static_key, leaves))))
+        return _Shape(key, [], [value, *leaves], lambda arrays: value)
     key = ("tree", treedef, tuple(jaxutil.typeof(x) if a else _static_key(x)
                                   for x, a in zip(leaves, is_array, strict=True)))
     lifted = [x for x, a in zip(leaves, is_array, strict=True) if a]

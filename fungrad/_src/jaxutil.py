@@ -231,9 +231,19 @@ def register_failing_lowering(prim: Primitive, error: Callable[..., Any]) -> Non
     batching.primitive_batchers[prim] = batching_rule
 
 
-def is_missing_lowering(err: NotImplementedError) -> bool:
-    """Whether `err` says a primitive cannot be compiled (it has no MLIR lowering)."""
-    return "MLIR translation rule for primitive" in str(err)
+def has_debug_effect(eqn: JaxprEqn) -> bool:
+    """Whether `eqn` is (or contains) a `jax.debug` callback or print."""
+    from jax._src import debugging
+
+    return any(e in (debugging.debug_effect, debugging.ordered_debug_effect) for e in eqn.effects)
+
+
+def is_missing_lowering(err: Exception) -> bool:
+    """Whether `err` says a primitive cannot be compiled, only run eagerly: it has no MLIR
+    lowering, or it is a `checkify.check` outside `checkify` (jax runs it eagerly)."""
+    message = str(err)
+    return ((isinstance(err, NotImplementedError) and "MLIR translation rule for primitive" in message)
+            or (isinstance(err, ValueError) and "checkify.check which was not functionalized" in message))
 
 
 class ByIdentity:

@@ -81,12 +81,14 @@ def _residuals(staged_eqns: Sequence[JaxprEqn], staged_outs: Sequence,
     return list(seen)
 
 
-def dce(eqns: Sequence[JaxprEqn], outvars: Sequence) -> list[JaxprEqn]:
-    """The equations needed for `outvars` (and any with effects), in order."""
+def dce(eqns: Sequence[JaxprEqn], outvars: Sequence, *,
+        keep_effects: bool = True) -> list[JaxprEqn]:
+    """The equations needed for `outvars` (and, with `keep_effects`, any with effects),
+    in order."""
     live: set[Var] = {v for v in outvars if type(v) is not Literal}
     kept: list[JaxprEqn] = []
     for eqn in reversed(eqns):
-        if eqn.effects or any(v in live for v in eqn.outvars):
+        if (keep_effects and eqn.effects) or any(v in live for v in eqn.outvars):
             kept.append(eqn)
             live.update(v for v in eqn.invars if type(v) is not Literal)
     kept.reverse()

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
+from jax.experimental.shard_alike import shard_alike
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -97,6 +98,8 @@ ANNOTATED = [
     ("optimization_barrier", "optimization_barrier",
      lambda x, y: jnp.sin(x) * lax.optimization_barrier((jnp.sin(x), x * y))[1]),
     ("checkpoint_name", "name", lambda x, y: jnp.sin(checkpoint_name(x * y, "h")) * x),
+    ("shard_alike", "shard_alike",
+     lambda x, y: (lambda a, b: jnp.sin(a) * b)(*shard_alike(x * y, jnp.sin(y)))),
 ]
 
 
@@ -127,3 +130,17 @@ def test_device_put_with_one_zero_tangent():
 
     args = (_x((4,), np.float64), jnp.arange(4))
     assert_close(fungrad.grad(f)(*args), jax.grad(f)(*args))
+
+
+def test_shard_alike_with_one_zero_cotangent():
+    # Only the first output is used: its cotangent goes back alone, with no annotation to
+    # share (as in jax); the second operand gets none.
+    def f(x, y):
+        a, _ = shard_alike(x * y, y)
+        return jnp.sum(jnp.sin(a))
+
+    args = (_x((2, 3), np.float64), _x((2, 3), np.float64, 1))
+    assert_close(fungrad.grad(f, argnums=(0, 1))(*args), jax.grad(f, argnums=(0, 1))(*args))
+    x, y = args  # forward mode with a zero tangent for the second operand
+    assert_close(fungrad.jvp(lambda x: shard_alike(x, y), (x,), (y,)),
+                 jax.jvp(lambda x: shard_alike(x, y), (x,), (y,)))

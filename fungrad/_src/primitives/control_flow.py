@@ -292,8 +292,9 @@ def _scan_partial_eval(eqn: JaxprEqn, unknowns: Sequence[bool]):
     forwarded = [r for r in residuals if r in known_xs_vars]
     stacked = [r for r in residuals if r in variant and r not in known_xs_vars]
 
+    # The effects stay in the loop: they run once per iteration, not once before it.
     hoist = jaxutil.new_jaxpr([], split.known.invars[:n_known_consts], invariant,
-                              linearize.dce(split.known.eqns, invariant))
+                              linearize.dce(split.known.eqns, invariant, keep_effects=False))
     hoist_eqns, invariant_atoms = _inline(hoist, [outer[v] for v in hoist.invars])
 
     known_body = jaxutil.new_jaxpr(
@@ -517,8 +518,10 @@ def _rematerialize(split: linearize.Split, policy: Any) -> tuple[list[Any], list
     """
     producer = {v: eqn for eqn in split.known.eqns for v in eqn.outvars}
     saved: dict[Any, None] = {}
-    recompute: set[int] = set()
-    pending = list(reversed(_residual_vars(split)))
+    # Debug callbacks run again with the recomputation, as in jax.
+    replayed = [e for e in split.known.eqns if jaxutil.has_debug_effect(e)]
+    recompute: set[int] = {id(e) for e in replayed}
+    pending = list(reversed([*_residual_vars(split), *(v for e in replayed for v in e.invars)]))
     seen: set[Any] = set()
     while pending:
         v = pending.pop()

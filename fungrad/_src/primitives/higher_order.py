@@ -1,14 +1,21 @@
-"""Rules for equations that hold jaxprs: jit, custom_jvp_call, custom_vjp_call."""
+"""Rules for equations that hold jaxprs or user functions: jit, closed_call,
+custom_jvp_call, custom_vjp_call, composite, custom_vmap_call, linear_call."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+from jax import lax, tree_util
 
 from fungrad._src import jaxutil, linearize, rules, transpose
-from fungrad._src.jaxutil import ClosedJaxpr, JaxprEqn, Primitive, Var, prims
+from fungrad._src.jaxutil import ClosedJaxpr, JaxprEqn, Literal, Primitive, Var, prims
 from fungrad._src.jvp import fill, jvp_closed, jvp_program, merge
 from fungrad._src.rules import UndefinedPrimal, is_undefined
 from fungrad._src.zeros import Zero, instantiate, is_zero
+
+_internal = jaxutil.internal_prims
 
 # --- jit ------------------------------------------------------------------------------
 
@@ -167,3 +174,254 @@ def _custom_lin_transpose(cts, *args, num_res, bwd, out_avals, symbolic_zeros, i
 
 rules.jvp_rules[prims.custom_vjp_call_p] = _custom_vjp_call_jvp
 rules.transpose_rules[custom_lin_p] = _custom_lin_transpose
+
+
+# --- composite: a named op that the compiler may replace; its decomposition defines it ---
+
+def _composite_jvp(primals, tangents, *, jaxpr, name, attributes, version):
+    # d composite(x) = d decomposition(x): inlined, as for closed_call. (jax itself raises
+    # here; the decomposition is the op's meaning, so its derivative is the op's.)
+    del name, attributes, version
+    return jvp_closed(jaxpr, primals, tangents)
+
+
+if "composite_p" in _internal:
+    rules.jvp_rules[_internal["composite_p"]] = _composite_jvp
+
+
+# --- linear_call: a linear function with its transpose given by the user ------------------
+
+def _linear_call_jvp(primals, tangents, *, callee, transpose_thunk, num_callee_consts,
+                     num_res):
+    # linear in its linear inputs: d linear_call(r, x) = linear_call(r, x_dot), for fixed r.
+    params = dict(callee=callee, transpose_thunk=transpose_thunk,
+                  num_callee_consts=num_callee_consts, num_res=num_res)
+    n_fixed = num_callee_consts + num_res
+    if any(not is_zero(t) for t in tangents[:n_fixed]):
+        raise TypeError(
+            "fungrad cannot differentiate jax.custom_derivatives.linear_call with respect to "
+            "its residual arguments (or values its function closes over), as jax cannot: "
+            "only the linear arguments may carry tangents. Pass values to differentiate as "
+            "linear arguments, or compute them outside the linear_call.")
+    outs = linear_call_p.bind(*primals, **params)
+    if all(is_zero(t) for t in tangents[n_fixed:]):
+        return outs, [Zero.like(x) for x in outs]
+    out_dots = linear_call_p.bind(*primals[:n_fixed], *map(instantiate, tangents[n_fixed:]),
+                                  **params)
+    return outs, out_dots
+
+
+def _linear_call_transpose(cts, *args, callee, transpose_thunk, num_callee_consts, num_res):
+    # The user's transpose, called as a linear_call whose own transpose is the callee.
+    t_jaxpr, t_consts = transpose_thunk()
+    f_consts, res = args[:num_callee_consts], args[num_callee_consts:num_callee_consts + num_res]
+    assert not any(is_undefined(x) for x in (*f_consts, *res)), "residuals must be known"
+
+    def swapped_thunk():
+        return callee, f_consts
+
+    cts = [instantiate(ct) for ct in cts]
+    cts_in = linear_call_p.bind(*t_consts, *res, *cts, callee=t_jaxpr,
+                                transpose_thunk=swapped_thunk,
+                                num_callee_consts=len(t_consts), num_res=num_res)
+    linear = args[num_callee_consts + num_res:]
+    return [*[None] * (num_callee_consts + num_res),
+            *(ct if is_undefined(x) else None for x, ct in zip(linear, cts_in, strict=True))]
+
+
+if "linear_call_p" in _internal:
+    linear_call_p = _internal["linear_call_p"]
+    rules.jvp_rules[linear_call_p] = _linear_call_jvp
+    rules.transpose_rules[linear_call_p] = _linear_call_transpose
+
+
+# --- custom_vmap: a function with its own batching rule ----------------------------------
+#
+# As in jax, the JVP is again a custom_vmap call: its body is the JVP of the body, and its
+# batching rule is the JVP of the user's rule, so `vmap` of a JVP still batches with the
+# user's rule. Linearizing splits such a call into a known and a staged call that batch
+# by plain `jax.vmap` of their bodies (jax cannot linearize it at all): reverse mode
+# differentiates the function itself, and `vmap` of a gradient works.
+
+def _call_rule(rule: Callable, in_tree: Any, axis_size: int, flags: Sequence[bool],
+               args: Sequence[Any]) -> tuple[list[Any], list[bool]]:
+    """Calls a custom_vmap rule on flat arguments; returns its flat outputs and flags."""
+    outs, out_batched = rule(axis_size, list(tree_util.tree_unflatten(in_tree, flags)),
+                             *tree_util.tree_unflatten(in_tree, args))
+    out_tree: Any = tree_util.tree_structure(outs)
+    flags_tree: Any = tree_util.tree_structure(out_batched)
+    if out_tree != flags_tree:
+        raise ValueError(
+            f"the custom_vmap rule {getattr(rule, '__name__', rule)} returned outputs and "
+            f"batching flags of different structures: {out_tree} and {flags_tree}.")
+    return tree_util.tree_leaves(outs), [bool(b) for b in tree_util.tree_leaves(out_batched)]
+
+
+def _flat_tree(*sizes: int) -> Any:
+    """The tree of a tuple of flat tuples of these sizes (one flat tuple: a single size)."""
+    if len(sizes) == 1:
+        return tree_util.tree_structure((0,) * sizes[0])
+    return tree_util.tree_structure(tuple((0,) * n for n in sizes))
+
+
+def _depends(jaxpr: Any, marked: Sequence[bool]) -> list[bool]:
+    """Which outputs of `jaxpr` depend on the inputs marked."""
+    seen = {v for v, m in zip(jaxpr.invars, marked, strict=True) if m}
+    for eqn in jaxpr.eqns:
+        if any(type(v) is not Literal and v in seen for v in eqn.invars):
+            seen.update(eqn.outvars)
+    return [type(v) is not Literal and v in seen for v in jaxpr.outvars]
+
+
+class _VmapBody:
+    """The batching rule of a call fungrad made: `jax.vmap` of its body; an output is
+    batched when it depends on a batched input."""
+
+    fixed: tuple[bool, ...] = ()
+
+    def __init__(self, body: ClosedJaxpr):
+        self.body = body
+
+    def __call__(self, axis_size, in_batched, *args):
+        def fun(*xs):
+            return jaxutil.eval_jaxpr(self.body.jaxpr, self.body.consts, *xs)
+
+        out_batched = tuple(_depends(self.body.jaxpr, in_batched))
+        outs = jax.vmap(fun, in_axes=[0 if b else None for b in in_batched],
+                        out_axes=[0 if b else None for b in out_batched],
+                        axis_size=axis_size)(*args)
+        return tuple(outs), out_batched
+
+
+def _vmap_body_params(body: ClosedJaxpr) -> dict:
+    return dict(call=body, rule=_VmapBody(body), in_tree=_flat_tree(len(body.in_avals)),
+                out_tree=_flat_tree(len(body.out_avals)))
+
+
+def _fixed_inputs(rule: Callable, in_tree: Any, num_in: int) -> tuple[bool, ...]:
+    """Which inputs the rule must never see batched when they were not: the constants a
+    jax custom_vmap function closes over (its inputs are `(constants, arguments)`)."""
+    if isinstance(rule, (_JvpOfRule, _VmapBody)):
+        return rule.fixed or (False,) * num_in
+    children = in_tree.children()
+    num_consts = children[0].num_leaves if len(children) == 2 else 0
+    return (True,) * num_consts + (False,) * (num_in - num_consts)
+
+
+class _JvpOfRule:
+    """The batching rule of a custom_vmap call's JVP: the JVP of the call's own rule.
+
+    Its inputs are `(primals, nonzero tangents)`. When some primals are batched, a primal
+    that is not batched while its tangent is gets broadcast, so that the rule sees it
+    batched (a closed-over constant cannot be: then the JVP body is batched by plain
+    `jax.vmap` instead), and an unbatched tangent of a batched primal is broadcast too.
+    """
+
+    def __init__(self, rule: Callable, in_tree: Any, body: ClosedJaxpr,
+                 nonzeros: Sequence[bool], out_nonzeros: Sequence[bool]):
+        self.rule, self.in_tree, self.body = rule, in_tree, body
+        self.nonzeros, self.out_nonzeros = tuple(nonzeros), tuple(out_nonzeros)
+        self.inner_fixed = _fixed_inputs(rule, in_tree, len(nonzeros))
+        self.fixed = (*self.inner_fixed,
+                      *(f for f, nz in zip(self.inner_fixed, nonzeros, strict=True) if nz))
+
+    def __call__(self, axis_size, in_batched, primals, nz_dots):
+        ps_batched, nz_batched = in_batched
+        if not any(ps_batched):
+            return self._tangents_batched(axis_size, primals, nz_dots, nz_batched)
+        dots_batched = fill(self.nonzeros, nz_batched, [False] * len(primals))
+        flags = [p or t for p, t in zip(ps_batched, dots_batched, strict=True)]
+        if any(f and fixed for f, fixed in zip(flags, self.inner_fixed, strict=True)):
+            outs, out_batched = _VmapBody(self.body)(
+                axis_size, [*ps_batched, *nz_batched], *primals, *nz_dots)
+            return self._nest(outs), self._nest(out_batched)
+        ps = [lax.broadcast(x, (axis_size,)) if f and not p else x
+              for x, f, p in zip(primals, flags, ps_batched, strict=True)]
+        dots = [Zero.like(x) if t is None else lax.broadcast(t, (axis_size,)) if f and not b
+                else t for x, t, f, b in zip(ps, fill(self.nonzeros, nz_dots, [None] * len(ps)),
+                                             flags, dots_batched, strict=True)]
+        return self._jvp_of_rule(axis_size, flags, ps, dots)
+
+    def _jvp_of_rule(self, axis_size, flags, primals, dots):
+        """The JVP of the rule called with these batching flags, and its output flags."""
+        out_batched: list[bool] = []
+
+        def batched(*xs):
+            outs, out_batched[:] = _call_rule(self.rule, self.in_tree, axis_size, flags, xs)
+            return outs
+
+        closed = jaxutil.trace_to_jaxpr(batched, [jaxutil.typeof(x) for x in primals])
+        outs, out_dots = jvp_closed(closed, primals, dots)
+        nz_out = [instantiate(t) for t, nz in zip(out_dots, self.out_nonzeros, strict=True) if nz]
+        nz_out_batched = [b for b, nz in zip(out_batched, self.out_nonzeros, strict=True) if nz]
+        return (tuple(outs), tuple(nz_out)), (tuple(out_batched), tuple(nz_out_batched))
+
+    def _tangents_batched(self, axis_size, primals, nz_dots, nz_batched):
+        """Only tangents batched: as in jax, the JVP of the rule called with nothing
+        batched, mapped over the tangents; the primal outputs stay unbatched."""
+        flags = [False] * len(primals)
+        out_batched: list[Any] = []
+
+        def one(*nz):
+            dots = fill(self.nonzeros, nz, [Zero.like(x) for x in primals])
+            outs, out_batched[:] = self._jvp_of_rule(axis_size, flags, primals, dots)
+            return outs
+
+        outs = jax.vmap(one, in_axes=[0 if b else None for b in nz_batched], out_axes=(None, 0),
+                        axis_size=axis_size)(*nz_dots)
+        return outs, (out_batched[0], (True,) * len(outs[1]))
+
+    def _nest(self, flat: Sequence[Any]) -> tuple[tuple, tuple]:
+        n_out = len(self.out_nonzeros)
+        return tuple(flat[:n_out]), tuple(flat[n_out:])
+
+
+if "custom_vmap_p" in _internal:
+    custom_vmap_p = _internal["custom_vmap_p"]
+
+    def _custom_vmap_jvp(primals, tangents, *, call, rule, in_tree, out_tree):
+        # d call(x) = jvp(call)(x, x_dot), batched by the JVP of the rule.
+        del out_tree
+        nonzeros = tuple(not is_zero(t) for t in tangents)
+        body, out_nonzeros = jvp_program(call, nonzeros)
+        nz_dots = [t for t in tangents if not is_zero(t)]
+        n_out = len(call.out_avals)
+        outs = custom_vmap_p.bind(
+            *primals, *nz_dots, call=body,
+            rule=_JvpOfRule(rule, in_tree, body, nonzeros, out_nonzeros),
+            in_tree=_flat_tree(len(primals), len(nz_dots)),
+            out_tree=_flat_tree(n_out, out_nonzeros.count(True)))
+        zeros = [Zero(a.to_tangent_aval()) for a in call.out_avals]
+        return outs[:n_out], fill(out_nonzeros, outs[n_out:], zeros)
+
+    def _custom_vmap_partial_eval(eqn: JaxprEqn, unknowns: Sequence[bool]):
+        closed: ClosedJaxpr = eqn.params["call"]
+        split = linearize.partial_eval(closed.jaxpr, unknowns)
+        num_known_outs = len(split.known.outvars) - split.num_res
+        residuals = [Var(v.aval) for v in split.known.outvars[num_known_outs:]]
+        known_eqn = jaxutil.new_eqn(
+            [x for x, u in zip(eqn.invars, unknowns, strict=True) if not u],
+            [*(v for v, u in zip(eqn.outvars, split.out_unknowns, strict=True) if not u),
+             *residuals], custom_vmap_p,
+            _vmap_body_params(ClosedJaxpr(split.known, closed.consts)), eqn)
+        if not any(split.out_unknowns):
+            return [known_eqn], [], split.out_unknowns
+        staged_eqn = jaxutil.new_eqn(
+            [*residuals, *(x for x, u in zip(eqn.invars, unknowns, strict=True) if u)],
+            [v for v, u in zip(eqn.outvars, split.out_unknowns, strict=True) if u],
+            custom_vmap_p, _vmap_body_params(ClosedJaxpr(split.staged, ())), eqn)
+        return [known_eqn], [staged_eqn], split.out_unknowns
+
+    def _custom_vmap_transpose(cts, *args, call, rule, in_tree, out_tree):
+        # Only staged calls (batched by plain vmap) are transposed: their body, inlined.
+        del rule, in_tree, out_tree
+        undefined = tuple(is_undefined(x) for x in args)
+        body = transpose_of_closed(call, undefined, tuple(not is_zero(ct) for ct in cts))
+        cts_in = jaxutil.eval_jaxpr(body.jaxpr, body.consts,
+                                    *(x for x in args if not is_undefined(x)),
+                                    *(ct for ct in cts if not is_zero(ct)))
+        return merge(undefined, cts_in, [None] * undefined.count(False))
+
+    rules.jvp_rules[custom_vmap_p] = _custom_vmap_jvp
+    rules.partial_eval_rules[custom_vmap_p] = _custom_vmap_partial_eval
+    rules.transpose_rules[custom_vmap_p] = _custom_vmap_transpose

@@ -108,3 +108,19 @@ if "optimization_barrier_p" in _internal:
 
     rules.jvp_rules[_barrier_p] = _barrier_jvp
     rules.transpose_rules[_barrier_p] = _barrier_transpose
+
+
+# --- shard_alike: linear in both operands; tangents and cotangents are sharded alike too --
+
+if "shard_alike_p" in _internal:
+    _shard_alike_p = _internal["shard_alike_p"]
+
+    def _shard_alike_transpose(cts, x, y):
+        # The identity on each operand: each cotangent goes back, the two sharded alike
+        # as the primals were (as in jax, only when both are nonzero).
+        x_ct, y_ct = cts
+        if not (is_zero(x_ct) or is_zero(y_ct)):
+            x_ct, y_ct = _shard_alike_p.bind(x_ct, y_ct)
+        return [x_ct if is_undefined(x) else None, y_ct if is_undefined(y) else None]
+
+    deflinear(_shard_alike_p, _shard_alike_transpose)
