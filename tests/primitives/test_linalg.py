@@ -24,6 +24,7 @@ from jax import lax
 
 import fungrad
 from tests.harness import assert_close, check_all, check_jvp, random_like
+from tests.primitives.test_ragged import check_against
 
 Make = Callable[[np.random.Generator, str], tuple[Any, ...]]
 
@@ -260,14 +261,68 @@ def test_svd_full_matrices_of_a_rectangle_is_an_error():
 @pytest.mark.parametrize("fun", [
     lambda x: lax.linalg.schur(x)[0],
     lax.linalg.hessenberg,
-    lambda x: lax.linalg.householder_product(x, x[0]),
-], ids=["schur", "hessenberg", "householder_product"])
+], ids=["schur", "hessenberg"])
 def test_no_rule_where_jax_has_none(fun):
     x = gaussian(3, 3)(np.random.default_rng(0), F64)[0]
     with pytest.raises(NotImplementedError):
         jax.jvp(fun, (x,), (x,))
     with pytest.raises(NotImplementedError, match="fungrad has no differentiation rule"):
         fungrad.jvp(fun, (x,), (x,))
+
+
+# --- householder_product: jax has no derivative; against jax's of a plain jnp product ---
+
+def _householder_reference(a, taus):
+    """H_1 ... H_k I[:, :n] in jnp, H_i = I - tau_i v_i v_i^H, v_i column i of `a` below
+    the diagonal with a 1 on it (LAPACK's orgqr / ungqr)."""
+    m, n = a.shape[-2:]
+    v = jnp.tril(a, -1) + jnp.eye(m, n, dtype=a.dtype)
+    x = jnp.broadcast_to(jnp.eye(m, n, dtype=a.dtype), a.shape)
+    for i in reversed(range(taus.shape[-1])):
+        v_i = v[..., :, i]
+        w = jnp.einsum("...m,...mn->...n", jnp.conj(v_i), x)
+        x = x - taus[..., i, None, None] * v_i[..., :, None] * w[..., None, :]
+    return x
+
+
+def reflectors(*shape: int) -> Make:
+    """`a` of shape (..., m, n) and `taus` of shape (..., k): shape is (..., m, n, k)."""
+    def make(rng, dtype):
+        *batch, m, n, k = shape
+        return gaussian(*batch, m, n)(rng, dtype) + gaussian(*batch, k)(rng, dtype)
+    return make
+
+
+def from_hessenberg(n: int) -> Make:
+    """The n - 1 reflectors jax.scipy.linalg.hessenberg turns into Q (an orthogonal one)."""
+    def make(rng, dtype):
+        a, taus = lax.linalg.hessenberg(gaussian(n, n)(rng, dtype)[0])
+        return np.asarray(a)[1:, :-1], np.asarray(taus)
+    return make
+
+
+HOUSEHOLDER = [  # m > n > k; m = n = k; k = 0; k = 1 with a batch dimension; complex
+    Case("tall", lax.linalg.householder_product, reflectors(5, 4, 3), F64, order=2),
+    Case("square_from_hessenberg", lax.linalg.householder_product, from_hessenberg(4), F32),
+    Case("no_reflectors", lax.linalg.householder_product, reflectors(4, 3, 0), F64),
+    Case("one_reflector_batch", lax.linalg.householder_product, reflectors(2, 4, 3, 1), F32),
+    Case("complex", lax.linalg.householder_product, reflectors(4, 3, 2), C128),
+]
+
+
+@pytest.mark.parametrize("case", HOUSEHOLDER, ids=lambda c: f"{c.name}-{c.dtype}")
+def test_householder_product(case):
+    args = case.make(np.random.default_rng(len(case.name)), case.dtype)
+    check_against(case.fun, _householder_reference, args, order=case.order)
+
+
+def test_householder_product_one_argument():
+    """Tangents of `a` alone or `taus` alone (the other symbolically zero)."""
+    a, taus = reflectors(4, 3, 2)(np.random.default_rng(0), F64)
+    hp = lax.linalg.householder_product
+    check_against(lambda a: hp(a, taus), lambda a: _householder_reference(a, taus), (a,),
+                  order=1)
+    check_against(lambda t: hp(a, t), lambda t: _householder_reference(a, t), (taus,), order=1)
 
 
 # --- corpus: jnp.linalg and jax.scipy.linalg ------------------------------------------

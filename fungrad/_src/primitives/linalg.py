@@ -8,7 +8,8 @@ Slicing, padding and permuting the last two dimensions is done here with one-hot
 matrix products (`_window`, `_permutation_matrix`): exact in floating point, and it
 keeps every rule's linear part inside `dot_general`, `select_n` and the solves, whose
 derivatives and transposes are simple. jax's own primitives without derivatives
-(householder_product, hessenberg, schur, tridiagonal) have none here either.
+(hessenberg, schur, tridiagonal) have none here either; householder_product, which jax
+cannot differentiate, has one here (a scan over its reflectors).
 """
 
 from __future__ import annotations
@@ -489,3 +490,80 @@ def _tridiagonal_solve_transpose(ct, dl, d, du, b, *, perturb_singular):
 
 jvp_rules[p.tridiagonal_solve_p] = _tridiagonal_solve_jvp  # dX = T^{-1} (dB - dT X)
 transpose_rules[p.tridiagonal_solve_p] = _tridiagonal_solve_transpose
+
+
+# --- householder_product: a scan over the reflectors ----------------------------------
+
+def _columns_first(x):
+    """(..., m, k) -> (k, ..., m): the columns of `x` stacked for a scan."""
+    nd = x.ndim
+    return lax.transpose(x, (nd - 1, *range(nd - 2), nd - 2))
+
+
+def _last_first(t):
+    """(..., k) -> (k, ...)."""
+    return lax.transpose(t, (t.ndim - 1, *range(t.ndim - 1)))
+
+
+def _adjoint_times(v, x):
+    """v^H X for vectors v (..., m) and matrices X (..., m, n): (..., n)."""
+    nb = v.ndim - 1
+    batch = tuple(range(nb))
+    return lax.dot_general(_conj(v), x, (((nb,), (nb,)), (batch, batch)), precision=_HIGHEST)
+
+
+def _outer(u, w):
+    """u w^T for vectors u (..., m) and w (..., n): (..., m, n)."""
+    nb = u.ndim - 1
+    shape = (*u.shape, w.shape[-1])
+    return lax.mul(lax.broadcast_in_dim(u, shape, tuple(range(nb + 1))),
+                   lax.broadcast_in_dim(w, shape, (*range(nb), nb + 1)))
+
+
+def _scaled(tau, v):
+    """tau_i v_i for scalars tau (...) and vectors v (..., m)."""
+    return lax.mul(lax.broadcast_in_dim(tau, v.shape, tuple(range(tau.ndim))), v)
+
+
+def _householder_step(carry, xs):
+    """X <- H X = X - tau v (v^H X), and its tangent, for one reflector."""
+    x, x_dot = carry
+    v, tau, v_dot, tau_dot = xs
+    w = _adjoint_times(v, x)
+    tau_v = _scaled(tau, v)
+    dw = _adjoint_times(v, x_dot)  # d(v^H X) = dv^H X + v^H dX
+    if v_dot is not None:
+        dw = lax.add(dw, _adjoint_times(v_dot, x))
+    d_tau_v = None  # d(tau v) = dtau v + tau dv
+    if v_dot is not None:
+        d_tau_v = _scaled(tau, v_dot)
+    if tau_dot is not None:
+        term = _scaled(tau_dot, v)
+        d_tau_v = term if d_tau_v is None else lax.add(d_tau_v, term)
+    x_dot = lax.sub(x_dot, _outer(tau_v, dw))
+    if d_tau_v is not None:
+        x_dot = lax.sub(x_dot, _outer(d_tau_v, w))
+    return (lax.sub(x, _outer(tau_v, w)), x_dot), None
+
+
+def _householder_product_jvp(primals, tangents):
+    (a, taus), (a_dot, taus_dot) = primals, tangents
+    ans = p.householder_product_p.bind(a, taus)
+    m, n = a.shape[-2:]
+    k = taus.shape[-1]
+    if k == 0:  # no reflectors: Q = I[:, :n]
+        return ans, Zero.like(ans)
+    # Reflector i is column i of `a` below the diagonal, with an implicit 1 on it.
+    unit = _batched(np.eye(m, n, dtype=a.dtype), tuple(a.shape[:-2]))
+    v = _columns_first(_window(lax.add(_tril(a, -1), unit), 0, m, 0, k))
+    v_dot = None if is_zero(a_dot) else _columns_first(_window(_tril(a_dot, -1), 0, m, 0, k))
+    tau = _last_first(taus)
+    tau_dot = None if is_zero(taus_dot) else _last_first(taus_dot)
+    # Q E = H_1 (H_2 (... (H_k E))), E = I[:, :n]: the reflectors from the last to the first.
+    (_, ans_dot), _ = lax.scan(_householder_step, (unit, lax.full_like(unit, 0)),
+                               (v, tau, v_dot, tau_dot), reverse=True)
+    return ans, ans_dot
+
+
+# X <- X - tau v (v^H X) per reflector: dX <- dX - d(tau v) (v^H X) - tau v d(v^H X)
+jvp_rules[p.householder_product_p] = _householder_product_jvp
