@@ -1,10 +1,12 @@
 """Spec table for the shape, type and layout rules, select_n, dot_general and zero-derivative ops."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
 
+import fungrad
 from tests.harness import check_case, spec_args
 
 
@@ -112,3 +114,14 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_rule(case, dtype):
     check_case(case, spec_args(case[2], dtype), light=dtype == "float32")
+
+
+def test_bitcast_and_integer_internals_have_zero_derivative_as_in_jax():
+    def f(x):
+        bits = lax.bitcast_convert_type(x, jnp.int32)
+        hi = lax.mul(bits, bits) // 7  # integer work: no tangent
+        return jnp.sin(x) * hi.astype(x.dtype)
+
+    x = jnp.linspace(0.5, 1.5, 4, dtype=jnp.float32)
+    np.testing.assert_allclose(fungrad.grad(lambda x: f(x).sum())(x),
+                               jax.grad(lambda x: f(x).sum())(x), rtol=1e-6)

@@ -93,6 +93,12 @@ def _closed_call_jvp(primals, tangents, *, call_jaxpr, **params):
 
 rules.jvp_rules[prims.jit_p] = _jit_jvp
 rules.jvp_rules[prims.closed_call_p] = _closed_call_jvp
+rules.refuse(prims.call_p, "fungrad cannot differentiate the legacy 'call' primitive, which "
+                           "this jax no longer stages (jit and closed_call replaced it). Call "
+                           "the function directly, or through jax.jit.")
+rules.refuse(prims.custom_lin_p, "custom_lin only appears inside jax's own linearized "
+                                 "programs; differentiate the original function with fungrad "
+                                 "instead of a program jax's AD produced.")
 rules.partial_eval_rules[prims.jit_p] = _jit_partial_eval
 rules.transpose_rules[prims.jit_p] = _jit_transpose
 

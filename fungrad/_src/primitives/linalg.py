@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from jax import lax
 
+from fungrad._src import rules
+from fungrad._src.jaxutil import internal_prims
 from fungrad._src.jaxutil import prims as p
 from fungrad._src.rules import defjvp2, is_undefined, jvp_rules, transpose_rules
 from fungrad._src.zeros import Zero, add_tangents, instantiate, is_zero
@@ -567,3 +569,21 @@ def _householder_product_jvp(primals, tangents):
 
 # X <- X - tau v (v^H X) per reflector: dX <- dX - d(tau v) (v^H X) - tau v d(v^H X)
 jvp_rules[p.householder_product_p] = _householder_product_jvp
+
+
+# --- factorizations jax has no derivative for ------------------------------------------
+
+_NO_DERIVATIVE = {
+    p.schur_p: "jnp.linalg.eig or eigh (differentiable) instead of the Schur form",
+    p.hessenberg_p: "a differentiable factorization (qr, eigh, eig) instead",
+    p.tridiagonal_p: "jnp.linalg.eigh on the matrix itself instead",
+}
+for _prim, _instead in _NO_DERIVATIVE.items():
+    rules.refuse(_prim, f"fungrad cannot differentiate {_prim}; jax has no derivative for "
+                        f"it either. Use {_instead}.")
+for _name in ("geqrf_p", "geqp3_p", "ormqr_p", "cholesky_update_p", "symmetric_product_p"):
+    if _name in internal_prims:
+        _prim = internal_prims[_name]
+        rules.refuse(_prim, f"fungrad cannot differentiate {_prim}, a LAPACK building block "
+                            f"jax gives no derivative either; differentiate the jnp.linalg "
+                            f"function built on it (qr, cholesky, ...) instead.")

@@ -15,7 +15,8 @@ _internal = jaxutil.internal_prims
 for _prim in (p.random_seed_p, p.random_bits_p, p.random_split_p, p.random_fold_in_p,
               p.threefry2x32_p, p.rng_bit_generator_p):
     defjvp_zero(_prim)
-for _name in ("random_wrap_p", "random_unwrap_p", "iota_2x32_shape_p"):
+for _name in ("random_wrap_p", "random_unwrap_p", "iota_2x32_shape_p", "random_clone_p",
+              "threefry4x32_p", "philox2x32_p", "philox4x32_p"):
     if _name in _internal:
         defjvp_zero(_internal[_name])
 
@@ -124,3 +125,14 @@ if "shard_alike_p" in _internal:
         return [x_ct if is_undefined(x) else None, y_ct if is_undefined(y) else None]
 
     deflinear(_shard_alike_p, _shard_alike_transpose)
+
+
+# --- no derivative to speak of --------------------------------------------------------
+
+rules.refuse(p.rng_uniform_p,
+             "fungrad cannot differentiate rng_uniform (XLA's stateful random number "
+             "generator); jax has no derivative for it either. Draw the numbers with "
+             "jax.random from a key, and they carry no tangent.")
+for _prim in (p.create_token_p, p.after_all_p):
+    rules.refuse(_prim, f"fungrad cannot differentiate {_prim}: tokens order effects and "
+                        f"carry no values to differentiate (jax has no rule either).")

@@ -229,6 +229,7 @@ for _prim in (p.stop_gradient_p, p.eq_p, p.ne_p, p.lt_p, p.le_p, p.gt_p, p.ge_p,
               # reinterpreting bits is not a smooth map (jax agrees: zero derivative)
               p.bitcast_convert_type_p):
     defjvp_zero(_prim)
+defjvp_zero(p.empty2_p)  # no inputs: scan's uninitialized buffers
 # integer results, or no inputs at all (`lax.empty`, `lax.platform_dependent`'s index)
 for _name in ("mulhi_p", "empty_p", "lu_pivots_to_permutation_p", "platform_index_p"):
     if _name in _internal:
