@@ -148,3 +148,15 @@ def test_eager_vjp_and_linearize_run_compiled_programs(monkeypatch):
         # Inside a trace the pullback is inlined, not compiled separately.
         assert_close(jax.jit(pullback)(jnp.ones(())), got)
         assert_close(jax.vmap(pullback)(jnp.ones(3))[0][1], got[0])
+
+
+def test_an_eager_pullback_with_a_structurally_zero_cotangent_returns_arrays():
+    # The second derivative of a piecewise-linear function is a symbolic zero inside
+    # fungrad; its compiled eager pullback still returns arrays, as jax's does.
+    x = jnp.array([1.0, -2.0, 3.0])
+
+    def first(lib):
+        return lambda x: lib.vjp(lambda x: jnp.maximum(x, 0.0), x)[1](jnp.ones(3))[0]
+
+    got = fungrad.vjp(first(fungrad), x)[1](jnp.ones(3))
+    assert_close(got, jax.vjp(first(jax), x)[1](jnp.ones(3)))

@@ -77,3 +77,87 @@ def test_printed_table(capsys):
     coverage.main(["--status", "zero-derivative"])
     lines = capsys.readouterr().out.splitlines()
     assert all("zero-derivative" in line for line in lines[2:-2])
+
+
+# --- against jax's own rule table (read here only: jax is the reference in tests) -----
+
+# jax registers JVP rules for these only to raise: an opaque callback has no derivative.
+JAX_RULE_ONLY_RAISES = {"pure_callback", "io_callback", "ffi_call"}
+
+# Primitives with a jax JVP rule that fungrad does not cover yet, and why.
+NOT_YET = {
+    # jax-internal plumbing of its own AD, state and staging, never in a user's program
+    "accum_grad_in_ref": "jax's own ref-gradient accumulation",
+    "eval_jaxpr": "jax's internal loop lowering",
+    "run_state": "Pallas/state discharge internals",
+    "tie": "jax-internal ordering", "stage": "jax-internal staging",
+    "to_edtype": "extended dtypes", "from_edtype": "extended dtypes",
+    "call_hi_primitive": "hijax (experimental)", "box_get": "hijax (experimental)",
+    "box_set": "hijax (experimental)", "new_box": "hijax (experimental)",
+    "log_extend": "hijax (experimental)", "log_read": "hijax (experimental)",
+    "new_log": "hijax (experimental)",
+    # explicit-sharding reduced/unreduced axes (experimental in this jax)
+    "all_gather_reduced": "unreduced/reduced shardings", "preduced": "unreduced/reduced shardings",
+    "reduced_vary_cast_p": "unreduced/reduced shardings",
+    "vary_unreduced_cast_p": "unreduced/reduced shardings",
+    "unreduced_psum": "unreduced/reduced shardings",
+    "unreduced_reduce_scatter": "unreduced/reduced shardings",
+    "buffer_callback": "jax.experimental.buffer_callback",
+    "compute_on": "jax.experimental.compute_on",
+    "xla_metadata_value": "jax.experimental.xla_metadata",
+    "remat_opt": "jax.custom_vjp(optimize_remat=True)",
+    "dce_sink": "lax.dce_sink",
+}
+
+
+def _prims_by_name() -> dict[str, Primitive]:
+    from fungrad._src import jaxutil
+
+    found = {str(getattr(jax_primitives, n)): getattr(jax_primitives, n)
+             for n in dir(jax_primitives) if n.endswith("_p")}
+    found.update((str(p), p) for p in jaxutil.internal_prims.values())
+    return found
+
+
+def test_every_primitive_jax_differentiates_is_covered():
+    from jax._src.interpreters import ad
+
+    prims = _prims_by_name()
+    uncovered = [row.name for row in coverage.coverage_table()
+                 if prims[row.jax_name.lstrip("*")] in ad.primitive_jvps
+                 and row.status in ("missing", "n/a")
+                 and row.jax_name.lstrip("*") not in JAX_RULE_ONLY_RAISES]
+    assert not uncovered, f"jax differentiates these, fungrad does not: {uncovered}"
+
+
+def test_no_primitive_jax_differentiates_goes_unnoticed():
+    # Every primitive object in jax's loaded modules with a jax JVP rule is either in the
+    # coverage report or named in NOT_YET: a new jax release adding one fails here.
+    import sys
+
+    from jax._src.interpreters import ad
+
+    listed = set(_prims_by_name().values())
+    unknown = set()
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("jax._src") or module is None:
+            continue
+        for value in vars(module).values():
+            if (isinstance(value, Primitive) and value in ad.primitive_jvps
+                    and value not in listed and str(value) not in NOT_YET):
+                unknown.add(str(value))
+    assert not unknown, f"primitives jax differentiates, unknown to fungrad: {sorted(unknown)}"
+
+
+def test_every_not_applicable_primitive_refuses_with_a_message_naming_it():
+    prims = _prims_by_name()
+    for row in coverage.coverage_table():
+        if row.status != "n/a":
+            continue
+        prim = prims[row.jax_name.lstrip("*")]
+        try:
+            rules.jvp_rules[prim]([], [])
+        except NotImplementedError as err:
+            assert str(prim) in str(err), (row.name, str(err))
+        else:
+            raise AssertionError(f"{row.name}'s rule did not refuse")

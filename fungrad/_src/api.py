@@ -252,8 +252,9 @@ def _pullback_flat(closed: ClosedJaxpr, nonzeros: tuple[bool, ...], num_outs: in
     residuals, cts = residuals_and_cts[:num_residuals], residuals_and_cts[num_residuals:]
     aux_zeros = [Zero(a.to_tangent_aval()) for a in closed.out_avals[num_outs:]]
     nz_avals = [a for a, nz in zip(closed.in_avals, nonzeros, strict=True) if nz]
-    return _transpose_apply(linearize_program(closed, nonzeros), residuals,
-                            [*cts, *aux_zeros], nz_avals)
+    cts_in = _transpose_apply(linearize_program(closed, nonzeros), residuals,
+                              [*cts, *aux_zeros], nz_avals)
+    return [instantiate(ct) for ct in cts_in]  # arrays, as a compiled program returns
 
 
 # --- grad -----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from jax import lax
 
 import fungrad
 from fungrad.testing import check_grads
-from tests.harness import assert_close, check_case
+from tests.harness import assert_close, check_all, check_case
 
 LIGHT = {"order": 1}  # jax has no second derivative here (its rule needs igamma_grad_a's)
 NOFD = {"fd": False}  # piecewise constant or kinked: jax is the only oracle
@@ -173,3 +173,75 @@ def test_random_gamma_grad_like_jax():
     assert_close(fungrad.jvp(f, (a, x), (ta, tx)), jax.jvp(f, (a, x), (ta, tx)))
     with pytest.raises(Exception, match="while"):  # jax: ValueError, "...while_loop..."
         fungrad.vjp(f, a, x)[1](a)
+
+
+# --- random_gamma: derivatives of samples with respect to the shape parameter ------------
+# A sample is a function of `a` at fixed noise (implicit reparameterization), computed by
+# a rejection sampler: finite differences are no oracle (a step in `a` can change which
+# proposal is accepted), so jax's own transforms are. The key is an argument too: its
+# tangent is float0 and it gets no cotangent. Each sampler takes seconds to compile, so
+# the cases are spread over the dtypes rather than crossed with them.
+
+KEY = jax.random.key(0)
+UNDERFLOW = np.array([1 / 5000, 1.0, 1.0])  # a tiny shape: exp(loggamma(a)) rounds to 0
+
+
+def _loggamma(k, a):
+    return jax.random.loggamma(k, a * UNDERFLOW.astype(a.dtype), dtype=a.dtype)
+
+
+SAMPLERS = [
+    ("gamma", lambda k, a: jax.random.gamma(k, a, (2, 3), dtype=a.dtype) * a, 1, "float32"),
+    ("gamma", lambda k, a: jax.random.gamma(k, a, (2, 3), dtype=a.dtype) * a, 1, "float64"),
+    ("loggamma", _loggamma, 1, "float32"),
+    ("loggamma", _loggamma, 1, "float64"),
+    # built on the same rule: reverse mode only (beta: test_random_gamma_vmap_over_keys)
+    ("dirichlet", lambda k, a: jax.random.dirichlet(k, a, dtype=a.dtype), 1, "float64"),
+]
+
+
+def _shapes(num, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.uniform(0.3, 3.0, (3,)).astype(dtype) for _ in range(num)]
+
+
+@pytest.mark.parametrize("case", SAMPLERS, ids=[f"{c[0]}-{c[3]}" for c in SAMPLERS])
+def test_random_gamma(case):
+    name, sampler, num, dtype = case
+    modes = ("fwd", "rev") if name in ("gamma", "loggamma") else ("rev",)
+    check_all(sampler, [KEY, *_shapes(num, dtype)], order=1, fd=False, modes=modes)
+
+
+def test_random_gamma_second_order():
+    # Forward over reverse matches jax (in log space, whose rule has every operation of
+    # the other); reverse over reverse would run random_gamma_grad's while loops
+    # backwards, which both refuse.
+    (a,), (t,) = _shapes(1, "float64"), _shapes(1, "float64", seed=1)
+
+    def f(a):
+        return jnp.sum(jnp.sin(jax.random.loggamma(KEY, a)))
+
+    @jax.jit
+    def both(a, t):
+        return [lib.jvp(lib.grad(f), (a,), (t,)) for lib in (fungrad, jax)]
+
+    actual, expected = both(a, t)
+    assert_close(actual, expected)
+    for lib in (jax, fungrad):
+        with pytest.raises(ValueError, match="while_loop"):
+            lib.grad(lambda a: jnp.sum(lib.grad(f)(a)))(a)
+
+
+def test_random_gamma_vmap_over_keys():
+    # fungrad.grad under jax.vmap over several keys, inside jax.jit, against jax.grad.
+    def f(key, a):
+        return jnp.sum(jax.random.beta(key, a, 2 * a, dtype=a.dtype) ** 2)
+
+    @jax.jit
+    def both(keys, a):
+        return [jax.vmap(lib.grad(f, argnums=1), (0, None))(keys, a) for lib in (fungrad, jax)]
+
+    (a,) = _shapes(1, "float32")
+    actual, expected = both(jax.random.split(KEY, 4), a)
+    assert_close(actual, expected)
+    assert not np.allclose(actual[0], actual[1])  # each key its own sample

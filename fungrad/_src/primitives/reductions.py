@@ -1,16 +1,20 @@
-"""Reductions, cumulative reductions and sort: reduce_sum/max/min/prod, argmax, cum*, sort."""
+"""Reductions, cumulative reductions and sort: reduce_sum/max/min/prod, argmax, the generic
+reduce, cum*, sort."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import jax
 import numpy as np
 from jax import lax
 
-from fungrad._src.jaxutil import Primitive
+from fungrad._src import jaxutil
+from fungrad._src.jaxutil import ClosedJaxpr, Primitive
 from fungrad._src.jaxutil import prims as p
+from fungrad._src.jvp import fill, jvp_closed
 from fungrad._src.rules import defjvp2, defjvp_zero, deflinear, jvp_rules
-from fungrad._src.zeros import Zero, is_zero
+from fungrad._src.zeros import Zero, has_tangent_space, instantiate, is_zero
 
 
 def _const(x, value):
@@ -76,6 +80,82 @@ def _reduce_prod_jvp(primals, tangents, *, axes, **params):
 
 
 jvp_rules[p.reduce_prod_p] = _reduce_prod_jvp
+
+
+# --- reduce with a computation: forward mode up a pairwise tree --------------------------
+
+def _pair_step(reducer: ClosedJaxpr, mask: tuple[bool, ...]):
+    """The reducer on (value, tangent) pairs, elementwise over (rows, columns) arrays:
+    (xs, dxs, ys, dys) -> (out, d out), with the tangent from fungrad's forward mode.
+
+    Only the operands where `mask` is set (the inexact ones) carry a tangent.
+    """
+    zeros = [Zero(a.to_tangent_aval()) for a in reducer.in_avals[:len(mask)]]
+
+    def step(xs, dxs, ys, dys):
+        outs, out_dots = jvp_closed(reducer, [*xs, *ys], [*fill(mask, dxs, zeros),
+                                                          *fill(mask, dys, zeros)])
+        return outs, [instantiate(d) for d, m in zip(out_dots, mask, strict=True) if m]
+
+    return jax.vmap(jax.vmap(step))
+
+
+def _halves(xs, fills):
+    """The first ceil(n/2) rows of each array, and the rest, padded by a row of `fills` if
+    n is odd."""
+    n = xs[0].shape[0]
+    half = (n + 1) // 2
+    firsts = [lax.slice_in_dim(x, 0, half) for x in xs]
+    seconds = [lax.slice_in_dim(x, half, n) for x in xs]
+    if n % 2:
+        edge = [(0, 1, 0), (0, 0, 0)]
+        seconds = [lax.pad(x, f, edge) for x, f in zip(seconds, fills, strict=True)]
+    return firsts, seconds
+
+
+def _tree_reduce(step, xs, dxs, inits, dot_inits):
+    """Rows of (xs, dxs) reduced pairwise by `step` to one row: halve, combine, repeat."""
+    while xs[0].shape[0] > 1:
+        (xs_a, xs_b), (dxs_a, dxs_b) = _halves(xs, inits), _halves(dxs, dot_inits)
+        xs, dxs = step(xs_a, dxs_a, xs_b, dxs_b)
+    return xs, dxs
+
+
+def _reduce_jvp(primals, tangents, *, computation, jaxpr, dimensions):
+    # d reduce(x) = the reducer's JVP applied up a balanced tree of (x, dx) pairs, as jax
+    # does (the reducer need only be associative; the primal output is the tree's). Each
+    # step is ordinary lax operations, which linearize and transpose like any others.
+    del computation
+    k = len(primals) // 2
+    (operands, inits), (operand_dots, init_dots) = (
+        (primals[:k], primals[k:]), (tangents[:k], tangents[k:]))
+    if not all(is_zero(t) for t in init_dots):
+        raise NotImplementedError(
+            "fungrad cannot differentiate lax.reduce (the generic 'reduce' primitive) with "
+            "respect to its init_values (jax cannot either); pass constant init_values, or "
+            "wrap them in jax.lax.stop_gradient.")
+    mask = tuple(has_tangent_space(jaxutil.typeof(x)) for x in operands)
+    shape = np.shape(operands[0])
+    kept = [d for d in range(len(shape)) if d not in dimensions]
+    out_shape = tuple(shape[d] for d in kept)
+    n = int(np.prod([shape[d] for d in dimensions], dtype=np.int64))
+    if n == 0:  # nothing to reduce: the init values, which have no tangent
+        outs = [lax.full(out_shape, i) for i in inits]
+        return outs, [Zero.like(o) for o in outs]
+
+    def rows(x):  # reduced axes first, flattened: (n, prod(out_shape))
+        return lax.reshape(lax.transpose(x, (*dimensions, *kept)), (n, int(np.prod(out_shape))))
+
+    xs, dxs = _tree_reduce(
+        _pair_step(jaxpr, mask), [rows(x) for x in operands],
+        [rows(instantiate(t)) for t, m in zip(operand_dots, mask, strict=True) if m],
+        inits, [lax.full_like(i, 0) for i, m in zip(inits, mask, strict=True) if m])
+    outs = [lax.reshape(x, out_shape) for x in xs]
+    out_dots = [lax.reshape(t, out_shape) for t in dxs]
+    return outs, fill(mask, out_dots, [Zero.like(o) for o in outs])
+
+
+jvp_rules[p.reduce_p] = _reduce_jvp
 
 
 # --- cumulative reductions ------------------------------------------------------------

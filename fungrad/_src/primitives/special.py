@@ -1,4 +1,5 @@
-"""Special functions (incomplete gamma and beta, zeta, scaled Bessel) and numeric odds and ends.
+"""Special functions (incomplete gamma and beta, zeta, scaled Bessel), gamma sampling, and
+numeric odds and ends.
 
 lgamma, digamma, polygamma, erf, erfc, erf_inv and rem live in `arithmetic.py`. Where jax
 defines no derivative for an argument, the rule raises as jax does, naming the primitive
@@ -49,6 +50,23 @@ defjvp(p.igammac_p,  # Q = 1 - P: dQ = -dP
 defjvp(p.igamma_grad_a_p,
        _no_derivative(p.igamma_grad_a_p, "a", NotImplementedError),
        lambda g, a, x: lax.mul(_igamma_dx(g, a, x), lax.sub(lax.log(x), lax.digamma(a))))
+
+
+# --- gamma sampling: implicit reparameterization ----------------------------------------
+
+def _random_gamma_da(g, ans, key, a, *, log_space):
+    # A sample x = F^-1(u; a) at fixed noise u moves with a as dx/da = -(dP/da) / (dP/dx)
+    # (P the gamma CDF): lax.random_gamma_grad(a, x). In log space d log x = dx / x, with
+    # an x = exp(ans) that rounds to 0 taken as the smallest normal float, as jax does.
+    del key
+    if not log_space:
+        return lax.mul(g, lax.random_gamma_grad(a, ans))
+    x = lax.exp(ans)
+    x = lax.select(lax.eq(x, _const(x, 0)), lax.full_like(x, np.finfo(x.dtype).tiny), x)
+    return lax.mul(g, lax.div(lax.random_gamma_grad(a, x), x))
+
+
+defjvp2(p.random_gamma_p, None, _random_gamma_da)  # the key has no tangent
 
 
 # --- incomplete beta --------------------------------------------------------------------
