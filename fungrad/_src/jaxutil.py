@@ -97,9 +97,12 @@ def discharge_refs(closed: ClosedJaxpr) -> ClosedJaxpr:
 
 
 def zeros_like_aval(aval) -> Any:
+    """Zeros of `aval`'s type, varying over the same mesh axes inside `shard_map`."""
     if aval.dtype == float0:
         return np.zeros(aval.shape, float0)
-    return jax.lax.full(aval.shape, 0, aval.dtype)
+    zeros = jax.lax.full(aval.shape, 0, aval.dtype)
+    axes = varying_axes(aval)
+    return jax.lax.pcast(zeros, tuple(sorted(axes)), to="varying") if axes else zeros
 
 
 def jit_params(params: dict, closed: ClosedJaxpr, in_like: Sequence[int | None],

@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import jax.numpy as jnp
 from jax import lax
 
 from fungrad._src import jaxutil, linearize, rules, transpose
@@ -118,6 +119,54 @@ def _ppermute_transpose(ct, x, *, axis_name, perm):
 
 
 deflinear(p.ppermute_p, _ppermute_transpose)  # the inverse permutation
+
+
+def _ragged_all_to_all_jvp(primals, tangents, *, axis_name, axis_index_groups):
+    # Linear in (operand, output) jointly: the tangents travel the same ragged routes.
+    (operand, output, *routes), (operand_dot, output_dot, *_) = primals, tangents
+    params = dict(axis_name=axis_name, axis_index_groups=axis_index_groups)
+    ans = p.ragged_all_to_all_p.bind(operand, output, *routes, **params)
+    if is_zero(operand_dot) and is_zero(output_dot):
+        return ans, Zero.like(ans)
+    ans_dot = p.ragged_all_to_all_p.bind(instantiate(operand_dot), instantiate(output_dot),
+                                         *routes, **params)
+    return ans, ans_dot
+
+
+def _received_rows(ct, starts, sizes):
+    """Which rows of `ct` some slice [start, start + size) was written to: +1 at each
+    start, -1 at each end, summed up (so an empty slice marks nothing)."""
+    edges = jnp.zeros(ct.shape[0], jnp.int32)
+    edges = edges.at[starts].add(1, mode="drop").at[starts + sizes].add(-1, mode="drop")
+    covered = lax.gt(lax.cumsum(edges, axis=0), lax.full_like(edges, 0))
+    return lax.broadcast_in_dim(covered, ct.shape, (0,))
+
+
+def _ragged_all_to_all_transpose(ct, operand, output, input_offsets, send_sizes,
+                                 output_offsets, recv_sizes, *, axis_name, axis_index_groups):
+    # Every received slice goes back to the rows it was read from (the same call with the
+    # sending and receiving roles swapped); `output` keeps the cotangent of the rows that
+    # nothing overwrote. Like jax's, it assumes no operand row is sent twice (the second
+    # cotangent would overwrite the first instead of adding to it).
+    def exchange(x):  # the offsets each peer used for the slices this member holds
+        return p.all_to_all_p.bind(x, axis_name=axis_name, split_axis=0, concat_axis=0,
+                                   axis_index_groups=axis_index_groups, tiled=True)
+
+    written_at = exchange(output_offsets)
+    operand_ct = output_ct = None
+    if is_undefined(operand):
+        zeros = lax.full_like(ct, 0, operand.aval.dtype, operand.aval.shape)
+        operand_ct = p.ragged_all_to_all_p.bind(
+            ct, zeros, written_at, recv_sizes, exchange(input_offsets), send_sizes,
+            axis_name=axis_name, axis_index_groups=axis_index_groups)
+    if is_undefined(output):
+        output_ct = lax.select(_received_rows(ct, written_at, recv_sizes),
+                               lax.full_like(ct, 0), ct)
+    return [operand_ct, output_ct, None, None, None, None]
+
+
+rules.jvp_rules[p.ragged_all_to_all_p] = _ragged_all_to_all_jvp
+rules.transpose_rules[p.ragged_all_to_all_p] = _ragged_all_to_all_transpose
 
 if "pbroadcast_p" in _internal:
     def _pbroadcast_transpose(ct, x, *, axis_name, source):
