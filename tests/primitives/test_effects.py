@@ -15,33 +15,13 @@ from jax.custom_derivatives import linear_call
 from jax.experimental import checkify, io_callback
 
 import fungrad
-from tests.harness import _derivatives, assert_close, check_all, check_finite_differences, random_like
+from tests.harness import assert_close, check_all
 
 DTYPES = [np.float32, np.float64]
 
 
 def _x(shape, dtype=np.float64, seed=0):
     return jnp.asarray(np.random.default_rng(seed).uniform(0.2, 1.5, shape), dtype)
-
-
-def _check_against(f, reference, args, *, order=2, fd=True):
-    """fungrad's jvp, vjp and second order of `f` equal jax's of `reference` (the same
-    function written without the primitive that jax cannot differentiate)."""
-    rng = np.random.default_rng(0)
-    args = tuple(args)
-    tangents = random_like(args, rng)
-    out = jax.eval_shape(f, *args)
-    ct = random_like(jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), out), rng)
-    ct2 = random_like(args, rng)
-    modes = ("fwd", "rev")
-    expected = jax.jit(lambda *a: _derivatives(jax, reference, *a, modes, order))(
-        args, tangents, ct, ct2)
-    actual = jax.jit(lambda *a: _derivatives(fungrad, f, *a, modes, order))(
-        args, tangents, ct, ct2)
-    for name in expected:
-        assert_close(actual[name], expected[name], err_msg=name)
-    if fd:
-        check_finite_differences(f, args, rng)
 
 
 # --- effects: the callback runs on primals, as many times as under jax -----------------
@@ -380,7 +360,7 @@ _tan_composite = lax.composite(_tan_plain, name="fungrad.test.tan")
 def test_composite_differentiates_its_decomposition(dtype, shape):
     args = [_x(shape, dtype), _x(shape, dtype, 1)]
     double = dtype == np.float64
-    _check_against(_tan_composite, _tan_plain, args, order=2 if double else 1, fd=double)
+    check_all(_tan_composite, args, ref=_tan_plain, order=2 if double else 1, fd=double)
 
 
 def test_composite_kept_where_no_tangent_flows():
@@ -419,7 +399,7 @@ def _plain(x, y):
 def test_custom_vmap_derivatives(dtype):
     f = _custom_vmap_fn(0.0)
     double = dtype == np.float64
-    _check_against(f, _plain, [_x((3,), dtype), _x((3,), dtype, 1)], order=2 if double else 1,
+    check_all(f, [_x((3,), dtype), _x((3,), dtype, 1)], ref=_plain, order=2 if double else 1,
                    fd=double)
 
 
