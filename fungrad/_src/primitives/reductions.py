@@ -113,6 +113,16 @@ def _halves(xs, fills):
     return firsts, seconds
 
 
+def split_reducer_args(primals, tangents, init_tangent_error: Exception):
+    """(operands, inits, operand tangents, which operands have tangents) of a reduction
+    with a computation; `init_tangent_error` is raised if an init value has a tangent."""
+    n = len(primals) // 2
+    if not all(is_zero(t) for t in tangents[n:]):
+        raise init_tangent_error
+    mask = tuple(has_tangent_space(jaxutil.typeof(x)) for x in primals[:n])
+    return primals[:n], primals[n:], tangents[:n], mask
+
+
 def _tree_reduce(step, xs, dxs, inits, dot_inits):
     """Rows of (xs, dxs) reduced pairwise by `step` to one row: halve, combine, repeat."""
     while xs[0].shape[0] > 1:
@@ -126,15 +136,10 @@ def _reduce_jvp(primals, tangents, *, computation, jaxpr, dimensions):
     # does (the reducer need only be associative; the primal output is the tree's). Each
     # step is ordinary lax operations, which linearize and transpose like any others.
     del computation
-    k = len(primals) // 2
-    (operands, inits), (operand_dots, init_dots) = (
-        (primals[:k], primals[k:]), (tangents[:k], tangents[k:]))
-    if not all(is_zero(t) for t in init_dots):
-        raise NotImplementedError(
-            "fungrad cannot differentiate lax.reduce (the generic 'reduce' primitive) with "
-            "respect to its init_values (jax cannot either); pass constant init_values, or "
-            "wrap them in jax.lax.stop_gradient.")
-    mask = tuple(has_tangent_space(jaxutil.typeof(x)) for x in operands)
+    operands, inits, operand_dots, mask = split_reducer_args(primals, tangents, NotImplementedError(
+        "fungrad cannot differentiate lax.reduce (the generic 'reduce' primitive) with "
+        "respect to its init_values (jax cannot either); pass constant init_values, or "
+        "wrap them in jax.lax.stop_gradient."))
     shape = np.shape(operands[0])
     kept = [d for d in range(len(shape)) if d not in dimensions]
     out_shape = tuple(shape[d] for d in kept)

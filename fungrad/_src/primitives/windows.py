@@ -18,8 +18,9 @@ from fungrad._src import jaxutil, linearize, rules
 from fungrad._src.jaxutil import ClosedJaxpr, JaxprEqn, Var
 from fungrad._src.jaxutil import prims as p
 from fungrad._src.jvp import fill, jvp_closed
+from fungrad._src.primitives.reductions import split_reducer_args
 from fungrad._src.rules import defjvp, deflinear, is_undefined, jvp_rules, transpose_rules
-from fungrad._src.zeros import Zero, has_tangent_space, instantiate, is_zero
+from fungrad._src.zeros import Zero, instantiate, is_zero
 
 
 def _dilated(size, dilation):
@@ -154,19 +155,15 @@ def _reduce_window_jvp(primals, tangents, *, jaxpr, consts, **params):
     # Reduce (x, dx) pairs with the reducer's own JVP: d reduce(x) = reduce'((x, dx)).
     # Integer operands (an argmax carried along, say) take part without a tangent.
     n = len(primals) // 2
-    operands, inits = primals[:n], primals[n:]
-    operand_dots, init_dots = tangents[:n], tangents[n:]
-    if not all(is_zero(t) for t in init_dots):
-        raise TypeError(
-            "fungrad cannot differentiate reduce_window with respect to its init_value "
-            "(jax cannot either); pass a constant init_value, or wrap it in "
-            "jax.lax.stop_gradient.")
-    mask = tuple(has_tangent_space(jaxutil.typeof(x)) for x in operands)
+    operands, inits, operand_dots, mask = split_reducer_args(primals, tangents, TypeError(
+        "fungrad cannot differentiate reduce_window with respect to its init_value "
+        "(jax cannot either); pass a constant init_value, or wrap it in "
+        "jax.lax.stop_gradient."))
+    dots = [instantiate(t) for t, m in zip(operand_dots, mask, strict=True) if m]
+    init_dots = [instantiate(Zero.like(i)) for i, m in zip(inits, mask, strict=True) if m]
     pair = _jvp_body(ClosedJaxpr(jaxpr, consts), mask)
-    outs = p.reduce_window_p.bind(
-        *operands, *(instantiate(t) for t, m in zip(operand_dots, mask, strict=True) if m),
-        *inits, *(instantiate(t) for t, m in zip(init_dots, mask, strict=True) if m),
-        jaxpr=pair.jaxpr, consts=tuple(pair.consts), **params)
+    outs = p.reduce_window_p.bind(*operands, *dots, *inits, *init_dots,
+                                  jaxpr=pair.jaxpr, consts=tuple(pair.consts), **params)
     zeros = [Zero.like(x) for x in outs[:n]]
     return outs[:n], fill(mask, outs[n:], zeros)
 
