@@ -192,8 +192,6 @@ def _loggamma(k, a):
 
 SAMPLERS = [
     ("gamma", lambda k, a: jax.random.gamma(k, a, (2, 3), dtype=a.dtype) * a, 1, "float32"),
-    ("gamma", lambda k, a: jax.random.gamma(k, a, (2, 3), dtype=a.dtype) * a, 1, "float64"),
-    ("loggamma", _loggamma, 1, "float32"),
     ("loggamma", _loggamma, 1, "float64"),
     # built on the same rule: reverse mode only (beta: test_random_gamma_vmap_over_keys)
     ("dirichlet", lambda k, a: jax.random.dirichlet(k, a, dtype=a.dtype), 1, "float64"),
