@@ -234,6 +234,13 @@ def register_failing_lowering(prim: Primitive, error: Callable[..., Any]) -> Non
     batching.primitive_batchers[prim] = batching_rule
 
 
+def is_ref_aval(aval: Any) -> bool:
+    """Whether `aval` is the type of a mutable ref (`jax.new_ref`)."""
+    from jax._src.state.types import AbstractRef
+
+    return isinstance(aval, AbstractRef)
+
+
 def has_debug_effect(eqn: JaxprEqn) -> bool:
     """Whether `eqn` is (or contains) a `jax.debug` callback or print."""
     from jax._src import debugging

@@ -15,8 +15,7 @@ from fungrad._src.jaxutil import prims as p
 
 def _outside_ref_jvp(primals, tangents, **params):
     del tangents, params
-    avals = [getattr(x, "aval", None) for x in primals]
-    ref = next((a for a in avals if a is not None and "Ref" in type(a).__name__), None)
+    ref = next((a for a in map(jaxutil.typeof, primals) if jaxutil.is_ref_aval(a)), None)
     raise NotImplementedError(
         f"fungrad differentiates through refs that the differentiated function creates "
         f"itself (jax.new_ref inside it); this one{f' ({ref})' if ref else ''} comes from "
