@@ -79,7 +79,7 @@ def fresh_compile_stats(fns: dict, args, rounds: int) -> dict:
     rounds_of: dict[str, list[dict]] = {lib: [] for lib in fns}
     for r in range(max(rounds, 1)):
         for lib in (list(fns) if r % 2 else list(fns)[::-1]):
-            capture._cache.clear()
+            capture.clear_cache()
             rounds_of[lib].append(compile_stats(fns[lib], args))
     out = {}
     for lib, runs in rounds_of.items():
@@ -88,22 +88,55 @@ def fresh_compile_stats(fns: dict, args, rounds: int) -> dict:
     return out
 
 
+def capture_time(fn, args, reps: int) -> float:
+    """fungrad's per-call tracing time inside `fn` (median over `reps` eager calls)."""
+    from fungrad._src import api
+
+    original, spent = api.capture, []
+
+    def timed(*a, **k):
+        out, dt = _timed(lambda: original(*a, **k))
+        spent[-1] += dt
+        return out
+
+    api.capture = timed
+    try:
+        for _ in range(reps):
+            spent.append(0.0)
+            jax.block_until_ready(fn(*args))
+    finally:
+        api.capture = original
+    return statistics.median(spent)
+
+
 def run_workload(w: workloads.Workload, reps: int, eager_reps: int, compile_rounds: int) -> dict:
     fns = {"fungrad": w.fungrad_fn, "jax": w.jax_fn}
-    stats = fresh_compile_stats(fns, w.args, compile_rounds)
-    run = interleaved_runs({lib: s.pop("compiled") for lib, s in stats.items()}, w.args, reps)
+    stats: dict = {lib: {} for lib in fns}
+    if not w.eager_only:
+        stats = fresh_compile_stats(fns, w.args, compile_rounds)
+        run = interleaved_runs({lib: s.pop("compiled") for lib, s in stats.items()}, w.args, reps)
+        for lib in fns:
+            stats[lib]["run_s"] = run[lib]
     for lib in fns:
-        stats[lib]["run_s"] = run[lib]
         stats[lib]["eager_s"] = eager_latency(fns[lib], w.args, eager_reps) if eager_reps else None
+    if eager_reps:
+        # The share of a fungrad eager call spent tracing the user's function, against the
+        # whole of jax's eager call (so that the two columns add up to fungrad's eager).
+        stats["fungrad"]["trace_per_call_s"] = capture_time(w.fungrad_fn, w.args, eager_reps)
+        stats["jax"]["trace_per_call_s"] = stats["jax"]["eager_s"]
     return stats
 
 
 METRICS = [("run_s", "run"), ("trace_compile_s", "trace+compile"), ("eager_s", "eager"),
-           ("temp_bytes", "temp mem"), ("eqns", "eqns")]
+           ("trace_per_call_s", "eager trace"), ("temp_bytes", "temp mem"), ("eqns", "eqns")]
 
 
 def ratio(a, b):
     return None if a is None or not b else a / b
+
+
+def _get(r: dict, key: str):
+    return r.get(key)
 
 
 def print_table(results: dict) -> None:
@@ -116,7 +149,7 @@ def print_table(results: dict) -> None:
             continue
         cells = []
         for key, _ in METRICS:
-            q = ratio(r["fungrad"][key], r["jax"][key])
+            q = ratio(_get(r["fungrad"], key), _get(r["jax"], key))
             cells.append(f"{q:>13.2f}" if q is not None else f"{'-':>13}")
         print(f"| {name:<10} | " + " | ".join(cells) + " |")
     print("(ratios fungrad / jax; below 1 means fungrad is faster or smaller)")
@@ -148,7 +181,7 @@ def main(argv=None) -> int:
     print_table(results)
     ok = [r for r in results.values() if "error" not in r]
     for key, label in METRICS:
-        qs = [q for r in ok if (q := ratio(r["fungrad"][key], r["jax"][key])) is not None]
+        qs = [q for r in ok if (q := ratio(_get(r["fungrad"], key), _get(r["jax"], key))) is not None]
         if qs:
             print(f"median {label} ratio: {float(np.median(qs)):.2f}")
     meta = {"date": datetime.date.today().isoformat(), "jax": jax.__version__,

@@ -21,6 +21,7 @@ class Workload:
     fungrad_fn: Callable
     jax_fn: Callable
     args: tuple
+    eager_only: bool = False  # Python that branches on values: no jax.jit of it
 
 
 def _dense_init(key, sizes):
@@ -190,4 +191,27 @@ def training(scale: int) -> Workload:
                     make(jax.value_and_grad), (params,))
 
 
-ALL = [mlp, cnn, gpt, rnn, hvp, jac_tall, jac_wide, hessian, training]
+def mlp_fresh(scale: int) -> Workload:
+    """The MLP gradient with a new closure and a new transformed function on every call."""
+    w = mlp(scale)
+    loss = lambda p, x, y: _xent(_mlp_apply(p, x), y)
+    ours = lambda p, x, y: fungrad.grad(lambda p: loss(p, x, y))(p)
+    theirs = lambda p, x, y: jax.grad(lambda p: loss(p, x, y))(p)
+    return Workload("mlp_fresh", "grad of the MLP loss, a new closure per call", ours, theirs,
+                    w.args)
+
+
+def newton(scale: int) -> Workload:
+    """Python control flow on values: a Newton solve whose trip count the values decide."""
+    def root(a):
+        y = a
+        while jnp.max(jnp.abs(y * y - a)) > 1e-6:  # a Python loop on a concrete value
+            y = 0.5 * (y + a / y)
+        return jnp.sum(y * jnp.tanh(a))
+
+    a = jnp.linspace(1.0, 4.0, 64 * scale)
+    return Workload("newton_py", "grad through a Python while loop on values", fungrad.grad(root),
+                    jax.grad(root), (a,), eager_only=True)
+
+
+ALL = [mlp, cnn, gpt, rnn, hvp, jac_tall, jac_wide, hessian, training, mlp_fresh, newton]

@@ -28,31 +28,19 @@ def _trace(fun: Callable, args: Sequence[Any], diff_argnums: Sequence[int],
            fname: str) -> tuple[Captured, list[Any], list[bool]]:
     """Captures `fun(*args)`; returns it with its jaxpr inputs and which are differentiated.
 
-    Arrays are traced; other leaves of the non-differentiated arguments (Python numbers,
-    strings, ...) are passed to `fun` as they are. The inputs end with the arrays `fun`
-    closes over (`captured.num_lifted` of them), never differentiated.
+    The leaves of the differentiated arguments are traced; the other arguments reach
+    `fun` as they are, as under `jax.grad`. The inputs end with the constants of the
+    trace (`captured.num_lifted` of them), never differentiated.
     """
-    leaves_per_arg = [tree_util.tree_leaves(a) for a in args]
     leaves, in_tree = tree_util.tree_flatten(tuple(args))
-    dynamic, diff = [], []
-    for i, arg_leaves in enumerate(leaves_per_arg):
-        is_diff = i in diff_argnums
-        for leaf in arg_leaves:
-            traced = is_diff or _is_traceable_array(leaf)
-            dynamic.append(traced)
-            if traced:
-                diff.append(is_diff)
-    assert len(dynamic) == len(leaves)
-    captured, lifted = capture(fun, in_tree, leaves, dynamic)
-    diff = [*diff, *(False for _ in lifted)]
-    if not all(diff) and jaxutil.custom_rules_close_over_inputs(captured.jaxpr.jaxpr):
-        # A custom rule closes over a traced argument: trace again with the arguments that
-        # are not differentiated passed as values, so the rule can still see them.
-        dynamic = [d and is_d for d, is_d in zip(dynamic, _leaf_is_diff(leaves_per_arg, diff_argnums),
-                                                 strict=True)]
-        captured, lifted = capture(fun, in_tree, leaves, dynamic, lift=False)
-        diff = [True] * sum(dynamic)
-    return captured, [*(x for x, d in zip(leaves, dynamic, strict=True) if d), *lifted], diff
+    dynamic = _leaf_is_diff([tree_util.tree_leaves(a) for a in args], diff_argnums)
+    captured, consts = capture(fun, in_tree, leaves, dynamic, name=_fun_name(fun))
+    inputs = [*(x for x, d in zip(leaves, dynamic, strict=True) if d), *consts]
+    return captured, inputs, [*(True for d in dynamic if d), *(False for _ in consts)]
+
+
+def _fun_name(fun: Any) -> str:
+    return getattr(fun, "__name__", None) or type(fun).__name__
 
 
 def _leaf_is_diff(leaves_per_arg: list[list[Any]], diff_argnums: Sequence[int]) -> list[bool]:
@@ -63,10 +51,11 @@ def _is_traceable_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic)) or jaxutil.is_tracer(x)
 
 
-def _linearize_flat(closed: ClosedJaxpr, inputs: Sequence[Any], nonzeros: Sequence[bool]):
+def _linearize_flat(closed: ClosedJaxpr, inputs: Sequence[Any], nonzeros: Sequence[bool],
+                    reused: bool = False):
     """Runs the primal part now; returns the outputs and the program with its residuals."""
     nonzeros = tuple(nonzeros)
-    run = _compiled(_primal_flat, closed, nonzeros) if _all_concrete(inputs) else _primal_flat
+    run = _runner(_primal_flat, closed, reused, inputs, nonzeros)
     outs, residuals = run(closed, nonzeros, *inputs)
     return outs, linearize_program(closed, nonzeros), residuals
 
@@ -97,6 +86,7 @@ def _transpose_apply(program: LinearProgram, residuals: Sequence[Any], cts: Sequ
 # --- jvp and linearize ----------------------------------------------------------------
 
 
+@jaxutil.api_boundary
 def jvp(fun: Callable, primals: Sequence[Any], tangents: Sequence[Any],
         has_aux: bool = False) -> tuple[Any, ...]:
     """Forward-mode derivative: evaluates `fun` and its Jacobian-vector product.
@@ -116,6 +106,7 @@ def jvp(fun: Callable, primals: Sequence[Any], tangents: Sequence[Any],
     >>> float(y), float(y_dot)
     (0.0, 2.0)
     """
+    api_util.check_callable(fun, "jvp")
     api_util.check_args_tuple(primals, "primals", "jvp")
     api_util.check_args_tuple(tangents, "tangents", "jvp")
     primals, tangents = tuple(primals), tuple(tangents)
@@ -130,9 +121,8 @@ def jvp(fun: Callable, primals: Sequence[Any], tangents: Sequence[Any],
     given = iter(tree_util.tree_leaves(tangents))
     dots = [next(given) if d else None for d in diff]
     nonzeros = tuple(d and has_tangent_space(jaxutil.typeof(x)) for x, d in zip(inputs, diff, strict=True))
-    run = _jvp_flat
-    if _all_concrete([*inputs, *tree_util.tree_leaves(tangents)]):
-        run = _compiled(_jvp_flat, captured.jaxpr, nonzeros)
+    run = _runner(_jvp_flat, captured.jaxpr, captured.reused,
+                  [*inputs, *tree_util.tree_leaves(tangents)], nonzeros)
     outs, out_dots = run(captured.jaxpr, nonzeros, *inputs,
                          *(t for t, nz in zip(dots, nonzeros, strict=True) if nz))
     return _unflatten_outs(captured, has_aux, outs, out_dots)
@@ -146,6 +136,7 @@ def _jvp_flat(closed: ClosedJaxpr, nonzeros: tuple[bool, ...], *inputs_and_dots:
     return outs, [instantiate(t) for t in out_dots]
 
 
+@jaxutil.api_boundary
 def linearize(fun: Callable, *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:
     """Evaluates `fun` and returns its linear approximation (a function of tangents).
 
@@ -157,31 +148,44 @@ def linearize(fun: Callable, *primals: Any, has_aux: bool = False) -> tuple[Any,
     >>> float(f_jvp(3.0))
     3.0
     """
+    api_util.check_callable(fun, "linearize")
     api_util.check_array_leaves(primals, "primals", "linearize")
     fun_ = _with_aux_split(fun, has_aux, "linearize")
     captured, inputs, diff = _trace(fun_, primals, range(len(primals)), "linearize")
     nonzeros = tuple(d and has_tangent_space(jaxutil.typeof(x))
                      for x, d in zip(inputs, diff, strict=True))
-    outs, _, residuals = _linearize_flat(captured.jaxpr, inputs, nonzeros)
-    n_out = _num_outs(captured, has_aux)
-    in_tree = tree_util.tree_structure(primals)
-
-    def f_jvp(*tangents):
-        tangents_tree = tree_util.tree_structure(tangents)
-        api_util.check_same_structure(in_tree, tangents_tree, "primals", "tangents",
-                                      "linearize's f_jvp")
-        flat = tree_util.tree_leaves(tangents)
-        for (path, x), t in zip(tree_util.tree_flatten_with_path(primals)[0], flat, strict=True):
-            api_util.check_tangent(x, t, f"the tangent at tangents{tree_util.keystr(path)}",
-                                   "linearize's f_jvp")
-        nz = [t for t, keep in zip(flat, nonzeros[:len(flat)], strict=True) if keep]
-        run = _linear_flat
-        if _all_concrete([*residuals, *nz]):
-            run = _compiled(_linear_flat, captured.jaxpr, nonzeros, len(residuals))
-        out_dots = run(captured.jaxpr, nonzeros, len(residuals), *residuals, *nz)
-        return tree_util.tree_unflatten(_out_tree(captured, has_aux), out_dots[:n_out])
-
+    outs, _, residuals = _linearize_flat(captured.jaxpr, inputs, nonzeros, captured.reused)
+    spec = _LinearizeSpec(captured.jaxpr, tuple(nonzeros), _num_outs(captured, has_aux),
+                          _out_tree(captured, has_aux), primals, captured.reused)
+    # A pytree (the residuals are its leaves), so it can be passed through jax.jit.
+    f_jvp = tree_util.Partial(functools.partial(_linearized, spec), residuals)
     return _finish(captured, has_aux, outs, f_jvp)
+
+
+class _LinearizeSpec:
+    """What a linearized function needs besides the residuals; static, hashed by identity."""
+
+    def __init__(self, closed, nonzeros, num_outs, out_tree, primals, reused):
+        self.closed, self.nonzeros, self.num_outs, self.out_tree = closed, nonzeros, num_outs, out_tree
+        self.in_tree = tree_util.tree_structure(primals)
+        self.primal_types = [(tree_util.keystr(path), jax.ShapeDtypeStruct(np.shape(x),
+                                                                           jaxutil.typeof(x).dtype))
+                             for path, x in tree_util.tree_flatten_with_path(primals)[0]]
+        self.calls = [reused]  # compiled from the second call on
+
+
+def _linearized(spec: _LinearizeSpec, residuals: list, *tangents: Any) -> Any:
+    api_util.check_same_structure(spec.in_tree, tree_util.tree_structure(tangents), "primals",
+                                  "tangents", "linearize's f_jvp")
+    flat = tree_util.tree_leaves(tangents)
+    for (path, x), t in zip(spec.primal_types, flat, strict=True):
+        api_util.check_tangent(x, t, f"the tangent at tangents{path}", "linearize's f_jvp")
+    nz = [t for t, keep in zip(flat, spec.nonzeros[:len(flat)], strict=True) if keep]
+    run = _runner(_linear_flat, spec.closed, any(spec.calls), [*residuals, *nz], spec.nonzeros,
+                  len(residuals))
+    spec.calls.append(True)
+    out_dots = run(spec.closed, spec.nonzeros, len(residuals), *residuals, *nz)
+    return tree_util.tree_unflatten(spec.out_tree, out_dots[:spec.num_outs])
 
 
 def _linear_flat(closed: ClosedJaxpr, nonzeros: tuple[bool, ...], num_residuals: int,
@@ -194,6 +198,7 @@ def _linear_flat(closed: ClosedJaxpr, nonzeros: tuple[bool, ...], num_residuals:
 # --- vjp ------------------------------------------------------------------------------
 
 
+@jaxutil.api_boundary
 def vjp(fun: Callable, *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:
     """Reverse-mode derivative: evaluates `fun` and returns its vector-Jacobian product.
 
@@ -206,14 +211,15 @@ def vjp(fun: Callable, *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:
     >>> [float(g) for g in vjp_fun(1.0)]
     [6.0]
     """
+    api_util.check_callable(fun, "vjp")
     api_util.check_array_leaves(primals, "primals", "vjp")
     fun_ = _with_aux_split(fun, has_aux, "vjp")
     captured, inputs, diff = _trace(fun_, primals, range(len(primals)), "vjp")
     nonzeros = [d and has_tangent_space(jaxutil.typeof(x)) for x, d in zip(inputs, diff, strict=True)]
-    outs, _, residuals = _linearize_flat(captured.jaxpr, inputs, nonzeros)
+    outs, _, residuals = _linearize_flat(captured.jaxpr, inputs, nonzeros, captured.reused)
     n_out = _num_outs(captured, has_aux)
     spec = _VjpSpec(captured.jaxpr, n_out, tuple(nonzeros), _out_tree(captured, has_aux),
-                    tree_util.tree_structure(primals))
+                    tree_util.tree_structure(primals), captured.reused)
     vjp_fun = tree_util.Partial(functools.partial(_pullback, spec), residuals)
     return _finish(captured, has_aux, outs, vjp_fun)
 
@@ -221,8 +227,9 @@ def vjp(fun: Callable, *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:
 class _VjpSpec:
     """What a pullback needs besides the residuals; static, so hashed by identity."""
 
-    def __init__(self, closed, num_outs, nonzeros, out_tree, in_tree):
+    def __init__(self, closed, num_outs, nonzeros, out_tree, in_tree, reused):
         self.closed, self.num_outs, self.nonzeros = closed, num_outs, nonzeros
+        self.calls = [reused]  # compiled from the second call on
         self.in_avals, self.out_avals = tuple(closed.in_avals), tuple(closed.out_avals)
         self.out_tree, self.in_tree = out_tree, in_tree
 
@@ -236,9 +243,9 @@ def _pullback(spec: _VjpSpec, residuals: list, ct: Any) -> tuple:
         api_util.check_tangent(jax.ShapeDtypeStruct(aval.shape, aval.dtype), c,
                                f"the cotangent{' at ' + path if path else ''}", "vjp_fun",
                                primal_what="the corresponding output of fun")
-    run = _pullback_flat
-    if _all_concrete([*residuals, *flat_cts]):
-        run = _compiled(_pullback_flat, spec.closed, spec.nonzeros, spec.num_outs, len(residuals))
+    run = _runner(_pullback_flat, spec.closed, any(spec.calls), [*residuals, *flat_cts],
+                  spec.nonzeros, spec.num_outs, len(residuals))
+    spec.calls.append(True)
     nz_cts = run(spec.closed, spec.nonzeros, spec.num_outs, len(residuals), *residuals, *flat_cts)
     zeros = [Zero(a.to_tangent_aval()) for a in spec.in_avals]
     cts_in = [instantiate(c) for c in fill(spec.nonzeros, nz_cts, zeros)]
@@ -281,7 +288,9 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
     (9.0, 6.0)
     """
     fname = "value_and_grad"
+    api_util.check_callable(fun, fname)
 
+    @jaxutil.api_boundary
     @functools.wraps(fun)
     def value_and_grad_f(*args, **kwargs):
         nums = api_util.argnums_tuple(argnums, len(args), fname)
@@ -304,7 +313,9 @@ def grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
     14.0
     """
     fname = "grad"
+    api_util.check_callable(fun, fname)
 
+    @jaxutil.api_boundary
     @functools.wraps(fun)
     def grad_f(*args, **kwargs):
         nums = api_util.argnums_tuple(argnums, len(args), fname)
@@ -333,9 +344,7 @@ def _value_and_grad(fun, args, kwargs, nums, has_aux, holomorphic, allow_int, fn
     api_util.check_scalar_output(jax.ShapeDtypeStruct(out_aval.shape, out_aval.dtype),
                                  holomorphic=holomorphic, fname=fname)
     nonzeros = tuple(d and has_tangent_space(jaxutil.typeof(x)) for x, d in zip(inputs, diff, strict=True))
-    run = _value_and_grad_flat
-    if _all_concrete(inputs):
-        run = _compiled(_value_and_grad_flat, captured.jaxpr, nonzeros, n_out)
+    run = _runner(_value_and_grad_flat, captured.jaxpr, captured.reused, inputs, nonzeros, n_out)
     outs, nz_grads = run(captured.jaxpr, nonzeros, n_out, *inputs)
     nz_grads = iter(nz_grads)
     grads_flat = [next(nz_grads) if nz else instantiate(Zero.like(x))
@@ -360,6 +369,16 @@ def _value_and_grad_flat(closed: ClosedJaxpr, nonzeros: tuple[bool, ...], n_out:
 
 
 # --- the compiled path of calls outside any trace ---------------------------------------
+
+
+def _runner(flat: Callable, closed: ClosedJaxpr, reused: bool, values: Sequence[Any],
+            *static: Any) -> Callable:
+    """`flat` for a call with these values: compiled when the call comes from eager code
+    and the program has been seen before, else run op by op, as jax's eager AD runs (a
+    program traced once, such as a loop's path that depends on values, is not compiled)."""
+    if reused and _all_concrete(values):
+        return _compiled(flat, closed, *static)
+    return flat
 
 
 def _all_concrete(values: Sequence[Any]) -> bool:
@@ -395,63 +414,40 @@ def _compiled(flat: Callable, closed: ClosedJaxpr, *static: Any) -> Callable:
     return run
 
 
-def _compiled_call(transform: Callable, config: tuple, fun: Callable, args: tuple,
-                   kwargs: dict, diff_argnums: Sequence[int]) -> tuple[bool, Any]:
-    """`transform(fun, *config)(*args, **kwargs)` as one cached compiled program.
+def _eager_transform(impl: Callable, config: tuple, fun: Callable, args: tuple,
+                    kwargs: dict, nums: tuple[int, ...]) -> Any:
+    """`impl(fun, *config, args, kwargs, nums)`: a Jacobian transform at these arguments.
 
-    Taken when the call comes from eager code: `fun` is captured (cached by its structure,
-    so a closure made per call hits), and the transform of the captured program runs in
-    one `jax.jit` compiled per program and `config`. Returns `(False, None)` where that
-    path does not apply (traced inputs, a differentiated leaf that is not an array,
-    unhashable static leaves): the caller then runs the transform as it is.
+    From eager code, `fun` is captured once (its Python runs once, as under jax) and the
+    transform of the captured program runs as one program, compiled once that program has
+    been seen before. Inside a trace the transform is inlined as it is.
     """
-    leaves, in_tree = tree_util.tree_flatten((args, kwargs))
-    if not _all_concrete(leaves):
-        return False, None
-    dynamic = [_is_traceable_array(x) for x in leaves]
-    diff = _leaf_is_diff([tree_util.tree_leaves(a) for a in args], diff_argnums)
-    # `diff` covers the positional leaves, which come first; the kwargs are never differentiated.
-    if not all(d for d, is_d in zip(dynamic, diff, strict=False) if is_d):
-        return False, None
-    statics = tuple(x for x, d in zip(leaves, dynamic, strict=True) if not d)
-    try:
-        hash(statics)
-    except TypeError:
-        return False, None
-    captured, lifted = capture(_call_with_kwargs(fun), in_tree, leaves, dynamic)
-    run = _compiled(_transform_flat, captured.jaxpr, transform, config, in_tree,
-                    tuple(dynamic), statics, captured.out_tree)
-    inputs = [x for x, d in zip(leaves, dynamic, strict=True) if d]
-    return True, run(captured.jaxpr, transform, config, in_tree, tuple(dynamic), statics,
-                     captured.out_tree, *inputs, *lifted)
+    dyn = tuple(args[i] for i in nums)
+    dyn_leaves, dyn_tree = tree_util.tree_flatten(dyn)
+    if not _all_concrete(tree_util.tree_leaves((args, kwargs))) or not all(
+            map(_is_traceable_array, dyn_leaves)):
+        return impl(fun, *config, args, kwargs, nums)
+    captured, consts = capture(_partial_args(fun, args, nums, kwargs), dyn_tree, dyn_leaves,
+                               [True] * len(dyn_leaves), name=_fun_name(fun))
+    static = (impl, config, dyn_tree, captured.out_tree)
+    run = _runner(_transform_flat, captured.jaxpr, captured.reused, dyn_leaves, *static)
+    return run(captured.jaxpr, *static, *dyn_leaves, *consts)
 
 
-def _call_with_kwargs(fun: Callable) -> Callable:
-    def call(args, kwargs):
-        return fun(*args, **kwargs)
-    return call
+def _transform_flat(closed: ClosedJaxpr, impl: Callable, config: tuple, dyn_tree: Any,
+                    out_tree: Any, *inputs: Any) -> Any:
+    """`impl(replay, *config, ...)` at the differentiated arguments, where `replay` runs the
+    captured program of the user's function on them (and the trace's constants)."""
+    num_dyn = dyn_tree.num_leaves
+    consts = inputs[num_dyn:]
 
-
-def _transform_flat(closed: ClosedJaxpr, transform: Callable, config: tuple, in_tree: Any,
-                    dynamic: tuple[bool, ...], statics: tuple, out_tree: Any,
-                    *inputs: Any) -> Any:
-    """`transform(replay, *config)` at the arguments, where `replay` runs the captured
-    program of the user's function on the array leaves of its arguments."""
-    num_dynamic = sum(dynamic)
-    lifted = inputs[num_dynamic:]
-
-    def with_statics(dyn_leaves):
-        it_dyn, it_static = iter(dyn_leaves), iter(statics)
-        return [next(it_dyn) if d else next(it_static) for d in dynamic]
-
-    def replay(*args, **kwargs):
-        leaves = tree_util.tree_leaves((args, kwargs))
-        flat = [x for x, d in zip(leaves, dynamic, strict=True) if d]
-        outs = jaxutil.eval_jaxpr(closed.jaxpr, closed.consts, *flat, *lifted)
+    def replay(*dyn_args):
+        outs = jaxutil.eval_jaxpr(closed.jaxpr, closed.consts,
+                                  *tree_util.tree_leaves(dyn_args), *consts)
         return tree_util.tree_unflatten(out_tree, outs)
 
-    args, kwargs = tree_util.tree_unflatten(in_tree, with_statics(inputs[:num_dynamic]))
-    return transform(replay, *config)(*args, **kwargs)
+    dyn_args = tree_util.tree_unflatten(dyn_tree, list(inputs[:num_dyn]))
+    return impl(replay, *config, dyn_args, {}, tuple(range(len(dyn_args))))
 
 
 # --- Jacobians, Hessians --------------------------------------------------------------
@@ -469,7 +465,9 @@ def jacfwd(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = Fals
     [[2.0, 0.0], [0.0, 4.0]]
     """
     fname = "jacfwd"
+    api_util.check_callable(fun, fname)
 
+    @jaxutil.api_boundary
     @functools.wraps(fun)
     def jacfwd_f(*args, **kwargs):
         nums = api_util.argnums_tuple(argnums, len(args), fname)
@@ -477,25 +475,27 @@ def jacfwd(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = Fals
         api_util.check_diff_args(args, nums, fname)
         for x in tree_util.tree_leaves(dyn):
             api_util.check_jacfwd_input_dtype(x, holomorphic=holomorphic, fname=fname)
-        done, jac = _compiled_call(jacfwd, (_hashable(argnums), has_aux, holomorphic),
-                                   fun, args, kwargs, nums)
-        if done:
-            return jac
-
-        dyn_leaves, dyn_tree = tree_util.tree_flatten(dyn)
-        basis = api_util.std_basis(dyn_leaves)
-
-        def one_column(*basis_leaves):
-            tangents = tree_util.tree_unflatten(dyn_tree, list(basis_leaves))
-            return jvp(_partial_args(fun, args, nums, kwargs), dyn, tangents, has_aux=has_aux)
-
-        results = jax.vmap(one_column, out_axes=(None, -1, None) if has_aux else (None, -1))(*basis)
-        y, jac = results[0], results[1]
-        jac = tree_util.tree_map(lambda j, out: _reshape_jac_fwd(j, out, dyn_leaves, dyn_tree,
-                                                                 isinstance(argnums, int)), jac, y)
-        return (jac, results[2]) if has_aux else jac
+        return _eager_transform(_jacfwd_impl, (isinstance(argnums, int), has_aux), fun,
+                                args, kwargs, nums)
 
     return jacfwd_f
+
+
+def _jacfwd_impl(fun: Callable, single: bool, has_aux: bool, args: tuple, kwargs: dict,
+                 nums: tuple[int, ...]) -> Any:
+    dyn = tuple(args[i] for i in nums)
+    dyn_leaves, dyn_tree = tree_util.tree_flatten(dyn)
+    basis = api_util.std_basis(dyn_leaves)
+
+    def one_column(*basis_leaves):
+        tangents = tree_util.tree_unflatten(dyn_tree, list(basis_leaves))
+        return jvp(_partial_args(fun, args, nums, kwargs), dyn, tangents, has_aux=has_aux)
+
+    results = jax.vmap(one_column, out_axes=(None, -1, None) if has_aux else (None, -1))(*basis)
+    y, jac = results[0], results[1]
+    jac = tree_util.tree_map(lambda j, out: _reshape_jac_fwd(j, out, dyn_leaves, dyn_tree,
+                                                             single), jac, y)
+    return (jac, results[2]) if has_aux else jac
 
 
 def _reshape_jac_fwd(j, out, dyn_leaves, dyn_tree, single):
@@ -519,7 +519,9 @@ def jacrev(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = Fals
     [[2.0, 0.0], [0.0, 4.0]]
     """
     fname = "jacrev"
+    api_util.check_callable(fun, fname)
 
+    @jaxutil.api_boundary
     @functools.wraps(fun)
     def jacrev_f(*args, **kwargs):
         nums = api_util.argnums_tuple(argnums, len(args), fname)
@@ -528,23 +530,26 @@ def jacrev(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = Fals
         for x in tree_util.tree_leaves(dyn):
             api_util.check_input_dtype(x, holomorphic=holomorphic, allow_int=allow_int,
                                        fname=fname)
-        done, jac = _compiled_call(jacrev, (_hashable(argnums), has_aux, holomorphic, allow_int),
-                                   fun, args, kwargs, nums)
-        if done:
-            return jac
-        outs = vjp(_partial_args(fun, args, nums, kwargs), *dyn, has_aux=has_aux)
-        y, pullback = outs[0], outs[1]
-        y_leaves, y_tree = tree_util.tree_flatten(y)
-        for leaf in y_leaves:
-            api_util.check_output_dtype(jaxutil.typeof(leaf).dtype, holomorphic=holomorphic,
-                                        fname=fname)
-        basis = api_util.std_basis(y_leaves)
-        cols = jax.vmap(lambda *b: pullback(tree_util.tree_unflatten(y_tree, list(b))))(*basis)
-        cols = tree_util.tree_map(_float0_as_zeros_of, cols, dyn)
-        jac = _reshape_jac_rev(cols, y_leaves, y_tree, isinstance(argnums, int))
-        return (jac, outs[2]) if has_aux else jac
+        return _eager_transform(_jacrev_impl, (isinstance(argnums, int), has_aux, holomorphic),
+                                fun, args, kwargs, nums)
 
     return jacrev_f
+
+
+def _jacrev_impl(fun: Callable, single: bool, has_aux: bool, holomorphic: bool, args: tuple,
+                 kwargs: dict, nums: tuple[int, ...]) -> Any:
+    dyn = tuple(args[i] for i in nums)
+    outs = vjp(_partial_args(fun, args, nums, kwargs), *dyn, has_aux=has_aux)
+    y, pullback = outs[0], outs[1]
+    y_leaves, y_tree = tree_util.tree_flatten(y)
+    for leaf in y_leaves:
+        api_util.check_output_dtype(jaxutil.typeof(leaf).dtype, holomorphic=holomorphic,
+                                    fname="jacrev")
+    basis = api_util.std_basis(y_leaves)
+    cols = jax.vmap(lambda *b: pullback(tree_util.tree_unflatten(y_tree, list(b))))(*basis)
+    cols = tree_util.tree_map(_float0_as_zeros_of, cols, dyn)
+    jac = _reshape_jac_rev(cols, y_leaves, y_tree, single)
+    return (jac, outs[2]) if has_aux else jac
 
 
 def _float0_as_zeros_of(col, x):
@@ -579,6 +584,7 @@ def hessian(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = Fal
                   has_aux=has_aux, holomorphic=holomorphic)
 
 
+@jaxutil.api_boundary
 def hvp(fun: Callable, primals: Sequence[Any], tangents: Sequence[Any]) -> tuple[Any, ...]:
     """Hessian-vector product of scalar `fun`, forward over reverse.
 
@@ -591,6 +597,7 @@ def hvp(fun: Callable, primals: Sequence[Any], tangents: Sequence[Any]) -> tuple
     >>> h.tolist()
     [6.0, 0.0]
     """
+    api_util.check_callable(fun, "hvp")
     api_util.check_args_tuple(primals, "primals", "hvp")
     api_util.check_args_tuple(tangents, "tangents", "hvp")
     primals, tangents = tuple(primals), tuple(tangents)

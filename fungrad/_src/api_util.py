@@ -14,6 +14,13 @@ from fungrad._src import jaxutil
 from fungrad._src.jaxutil import float0
 
 
+def check_callable(fun: Any, fname: str) -> None:
+    """Rejects a non-callable `fun` when the transform is made, as jax does."""
+    if not callable(fun):
+        raise TypeError(f"{fname}: expected a callable value as the function to "
+                        f"differentiate, got {fun!r} of type {type(fun).__name__}.")
+
+
 def argnums_tuple(argnums: int | Sequence[int], nargs: int, fname: str) -> tuple[int, ...]:
     """`argnums` as a tuple of non-negative indices, checked against `nargs`."""
     nums: tuple[int, ...]
@@ -147,6 +154,8 @@ def check_tangent(primal: Any, tangent: Any, what: str, fname: str,
     if t_aval.shape != p_aval.shape:
         raise ValueError(f"{fname}: {what} has shape {t_aval.shape}, but {primal_what} has "
                          f"shape {p_aval.shape}; they must be equal.")
+    if expected == float0 and fname == "vjp_fun" and t_aval.dtype == p_aval.dtype:
+        return  # as in jax, an integer output's cotangent may be given in its own dtype
     if t_aval.dtype != expected and not (t_aval.weak_type and _same_kind(t_aval.dtype, expected)):
         hint = (" (integer and boolean values take float0 tangents: "
                 "np.zeros(shape, dtype=jax.dtypes.float0))" if expected == float0

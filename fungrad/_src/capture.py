@@ -1,17 +1,22 @@
-"""Function over pytrees -> closed jaxpr, with a cache so that a repeated call does not retrace.
+"""Function over pytrees -> closed jaxpr, traced afresh on every call.
 
-The cache is keyed by the function's *structure*, not its identity: its code, and what
-its closure holds. Arrays a function closes over are lifted to extra inputs of the
-jaxpr instead of being baked into it as constants, so a closure created per call, such
-as ``grad(lambda p: loss(p, batch))`` on a new batch every step, finds the program that
-the previous step traced.
+Capture never changes what a program means. The user's Python runs on every call and
+reads the current globals and attributes; values it closes over stay constants; where
+it needs a concrete value (`if x > 0`, `int(n)`, `x.item()`) it gets it, and the jaxpr
+is that of the path it took (see `jaxutil.capture_jaxpr`).
+
+What is cached is keyed by *what was traced*: the jaxpr's structure, types and
+parameters. Its constants (arrays it closes over, Python floats) become inputs of a
+shared canonical program, so a new closure, batch or learning rate on each call finds
+the program (and the compiled derivative) that an earlier call derived. Two traces with
+the same key are the same function of those inputs, so the cache can never return a
+result computed from state other than the current one.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
-import types
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,193 +26,251 @@ import numpy as np
 from jax import tree_util
 
 from fungrad._src import jaxutil
-from fungrad._src.jaxutil import ClosedJaxpr
+from fungrad._src.jaxutil import ClosedJaxpr, Jaxpr, Literal, Var
 
 
 @dataclass(frozen=True)
 class Captured:
     """`fun` as a jaxpr over flat inputs, and the trees to rebuild its outputs.
 
-    The jaxpr's inputs are the traced leaves of the arguments, then `num_lifted` arrays
-    that the function closes over.
+    The jaxpr's inputs are the traced leaves of the arguments, then `num_lifted`
+    constants of this call (arrays and Python floats the trace used). `reused` says
+    whether the program was seen before with another call's constants: worth compiling.
     """
 
     jaxpr: ClosedJaxpr
     out_tree: Any  # PyTreeDef of the outputs (of (out, aux) when has_aux)
     num_lifted: int
-
-
-_CACHE_SIZE = 256
-_cache: collections.OrderedDict = collections.OrderedDict()
+    reused: bool
 
 
 def capture(fun: Callable, in_tree: Any, leaves: Sequence[Any], dynamic: Sequence[bool],
-            *, lift: bool = True) -> tuple[Captured, list[Any]]:
-    """Traces `fun(*tree_unflatten(in_tree, leaves))` with the `dynamic` leaves abstract.
+            name: str = "fun") -> tuple[Captured, list[Any]]:
+    """Traces `fun(*tree_unflatten(in_tree, leaves))` with the `dynamic` leaves traced.
 
-    Returns the captured program and the values of its lifted inputs for this call
-    (the arrays `fun` closes over; none unless `lift`). The other leaves (Python numbers,
-    strings, ...) are passed to `fun` as they are, so Python code may branch on them.
-
-    Like `jax.jit`, the cache assumes `fun` is pure: a global that changes between
-    calls must be passed as an argument instead.
+    The other leaves are passed to `fun` as they are, as `jax.grad` passes the arguments
+    it does not differentiate. Returns the captured program and the constants to pass
+    after the traced leaves.
     """
-    shape = _decompose(fun, lift)
-    avals = [jaxutil.typeof(x) for x, d in zip(leaves, dynamic, strict=True) if d]
-    lifted_avals = [jaxutil.typeof(x) for x in shape.lifted]
-    statics = tuple(x for x, d in zip(leaves, dynamic, strict=True) if not d)
-    key = (shape.key, in_tree, tuple(dynamic), tuple(avals), tuple(lifted_avals),
-           tuple(_static_key(x) for x in statics))
-    hit = _cache.get(key)
-    if hit is not None:
-        _cache.move_to_end(key)
-        return hit[0], shape.lifted
+    dyn_leaves = [x for x, d in zip(leaves, dynamic, strict=True) if d]
+    avals = [jaxutil.typeof(x) for x in dyn_leaves]
     out_tree_box: list[Any] = []
 
     def flat_fun(*traced):
-        dyn_args, lifted = traced[:len(avals)], traced[len(avals):]
-        it_dyn, it_static = iter(dyn_args), iter(statics)
-        flat_args = [next(it_dyn) if d else next(it_static) for d in dynamic]
-        out = shape.rebuild(list(lifted))(*tree_util.tree_unflatten(in_tree, flat_args))
+        it = iter(traced)
+        flat_args = [next(it) if d else x for x, d in zip(leaves, dynamic, strict=True)]
+        out = fun(*tree_util.tree_unflatten(in_tree, flat_args))
         flat_out, out_tree = tree_util.tree_flatten(out)
         out_tree_box.append(out_tree)
         return flat_out
 
+    flat_fun.__name__ = getattr(fun, "__name__", name)
+    closed = jaxutil.capture_jaxpr(flat_fun, avals, dyn_leaves, flat_fun.__name__)
+    program, consts, reused = _canonical(closed)
+    return Captured(program, out_tree_box[-1], len(consts), reused), consts
+
+
+# --- the program cache: canonical jaxprs by structure -----------------------------------
+
+_CACHE_SIZE = 512
+_cache: collections.OrderedDict = collections.OrderedDict()
+_lock = threading.Lock()
+
+
+def clear_cache() -> None:
+    """Drops every canonical program (and so what fungrad derived and compiled from them)."""
+    with _lock:
+        _cache.clear()
+        _sub_keys.clear()
+
+
+def _canonical(closed: ClosedJaxpr) -> tuple[ClosedJaxpr, list[Any], bool]:
+    """The shared program equal to `closed` with its constants as trailing inputs, those
+    constants, and whether an earlier call traced the same program."""
     try:
-        closed = jaxutil.trace_to_jaxpr(flat_fun, [*avals, *lifted_avals])
-    except jax.errors.ConcretizationTypeError as err:
-        err.add_note(_TRACING_NOTE)
-        raise
-    captured = Captured(closed, out_tree_box[-1], len(lifted_avals))
-    if not any(map(jaxutil.is_tracer, closed.consts)):
-        # The entry holds the objects whose ids are in its key, so those ids stay unique.
-        _cache[key] = (captured, shape.held, statics)
-        if len(_cache) > _CACHE_SIZE:
+        key, consts, hoist = _program_key(closed)
+    except _Unkeyable:
+        program, consts = _hoisted(closed, _literals_to_hoist(closed.jaxpr))
+        return program, consts, False
+    with _lock:
+        entry = _cache.get(key)
+        if entry is not None:
+            _cache.move_to_end(key)
+            return entry, consts, True
+    program, _ = _hoisted(closed, hoist)
+    with _lock:
+        program = _cache.setdefault(key, program)
+        while len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)
-    return captured, shape.lifted
+    return program, consts, False
 
 
-# --- a function taken apart: structure (the key), arrays (lifted), and a rebuilder ------
-
-@dataclass
-class _Shape:
-    key: Any
-    lifted: list[Any]  # the arrays the function closes over, in a fixed order
-    held: list[Any]  # the objects whose identity is part of `key`
-    rebuild: Callable[[list[Any]], Callable]  # the function with other arrays in their place
-
-
-_MAX_DEPTH = 8
-
-
-def _decompose(fun: Any, lift: bool, depth: int = 0) -> _Shape:
-    """Takes apart Python functions (their closures), partials and bound methods."""
-    if lift and depth < _MAX_DEPTH:
-        if isinstance(fun, types.FunctionType):
-            return _decompose_function(fun, depth)
-        if isinstance(fun, functools.partial):
-            return _decompose_partial(fun, depth)
-        if isinstance(fun, types.MethodType):  # a new object at each attribute access
-            func = _decompose(fun.__func__, True, depth + 1)
-            owner = fun.__self__
-            return _Shape(("method", func.key, id(owner)), func.lifted, [*func.held, owner],
-                          lambda arrays: types.MethodType(func.rebuild(arrays), owner))
-    return _Shape(("id", id(fun)), [], [fun], lambda arrays: fun)
+def _hoisted(closed: ClosedJaxpr, hoist: list[tuple[int, int]]) -> tuple[ClosedJaxpr, list[Any]]:
+    """`closed` with its constants, and the literals at `hoist` (equation, operand),
+    turned into trailing inputs; returns it with their values."""
+    jaxpr = closed.jaxpr
+    eqns = list(jaxpr.eqns)
+    new_vars, values = [], []
+    for i, j in hoist:
+        eqn = eqns[i]
+        literal = eqn.invars[j]
+        var = Var(literal.aval)
+        new_vars.append(var)
+        values.append(literal.val)
+        eqns[i] = eqn.replace(invars=[*eqn.invars[:j], var, *eqn.invars[j + 1:]])
+    program = jaxpr.replace(constvars=[], invars=[*jaxpr.invars, *jaxpr.constvars, *new_vars],
+                            eqns=eqns)
+    return ClosedJaxpr(program, ()), [*closed.consts, *values]
 
 
-def _decompose_function(fun: types.FunctionType, depth: int) -> _Shape:
-    parts = [_decompose_value(_cell_contents(c), depth) for c in fun.__closure__ or ()]
-    key = ("function", fun.__code__, id(fun.__globals__), _static_key(fun.__defaults__),
-           _static_key(fun.__kwdefaults__), tuple(p.key for p in parts))
-
-    def rebuild(arrays: list[Any]) -> Callable:
-        if not parts:
-            return fun
-        cells = tuple(types.CellType(value) for value in _rebuild_all(parts, arrays))
-        new = types.FunctionType(fun.__code__, fun.__globals__, fun.__name__, fun.__defaults__,
-                                 cells)
-        new.__kwdefaults__ = fun.__kwdefaults__
-        return new
-
-    return _combine(key, parts, rebuild, held=[fun.__globals__, fun.__defaults__,
-                                               fun.__kwdefaults__])
+def _literals_to_hoist(jaxpr: Jaxpr) -> list[tuple[int, int]]:
+    return [(i, j) for i, eqn in enumerate(jaxpr.eqns) for j, a in enumerate(eqn.invars)
+            if type(a) is Literal and not _keeps_value(a)]
 
 
-def _decompose_partial(fun: functools.partial, depth: int) -> _Shape:
-    func = _decompose(fun.func, True, depth + 1)
-    args = _decompose_value(fun.args, depth)
-    kwargs = _decompose_value(tuple(fun.keywords.items()), depth)  # a new dict per partial
-    parts = [func, args, kwargs]
-
-    def rebuild(arrays: list[Any]) -> Callable:
-        new_func, new_args, new_kwargs = _rebuild_all(parts, arrays)
-        return functools.partial(new_func, *new_args, **dict(new_kwargs))
-
-    return _combine(("partial", tuple(p.key for p in parts)), parts, rebuild, held=[])
+def _keeps_value(literal: Literal) -> bool:
+    """Integer and boolean literals stay in the program (sizes, indices, flags, which
+    XLA uses to specialise); others (Python floats: scales, learning rates) are inputs,
+    so that a new value does not compile a new program."""
+    aval: Any = literal.aval
+    return bool(np.ndim(literal.val) == 0 and np.dtype(aval.dtype).kind in "biu")
 
 
-def _decompose_value(value: Any, depth: int) -> _Shape:
-    """A closed-over value: a function, or a pytree whose array leaves are lifted."""
-    if isinstance(value, (types.FunctionType, functools.partial)):
-        shape = _decompose(value, True, depth + 1)
-        return _Shape(shape.key, shape.lifted, shape.held, shape.rebuild)
-    leaves, treedef = tree_util.tree_flatten(value)
-    is_array = [_is_liftable(x) for x in leaves]
-    if not any(is_array):
-        # Nothing to lift: the function keeps the object itself, so that a list it appends
-        # to (say from a callback) is the caller's list. A mutable container is keyed by
-        # identity, since its contents may change after the trace.
-        key = (("id", id(value)) if isinstance(value, (list, dict, set))
-               else ("tree", treedef, tuple(map(_static_key, leaves))))
-        return _Shape(key, [], [value, *leaves], lambda arrays: value)
-    key = ("tree", treedef, tuple(jaxutil.typeof(x) if a else _static_key(x)
-                                  for x, a in zip(leaves, is_array, strict=True)))
-    lifted = [x for x, a in zip(leaves, is_array, strict=True) if a]
-    held = [x for x, a in zip(leaves, is_array, strict=True) if not a]
-
-    def rebuild(arrays: list[Any]) -> Any:
-        it = iter(arrays)
-        return tree_util.tree_unflatten(
-            treedef, [next(it) if a else x for x, a in zip(leaves, is_array, strict=True)])
-
-    return _Shape(key, lifted, held, rebuild)
+class _Unkeyable(Exception):
+    """A parameter with no structural key (a per-call Python callable jax holds)."""
 
 
-def _combine(key: Any, parts: list[_Shape], rebuild: Callable, held: list[Any]) -> _Shape:
-    lifted = [x for p in parts for x in p.lifted]
-    return _Shape(key, lifted, [*held, *(x for p in parts for x in p.held)], rebuild)
+def _program_key(closed: ClosedJaxpr) -> tuple[Any, list[Any], list[tuple[int, int]]]:
+    """The structural key of `closed`, the values of the inputs its canonical program
+    adds (constants, then hoisted literals), and where those literals are."""
+    jaxpr = closed.jaxpr
+    names: dict[Var, int] = {v: i for i, v in enumerate([*jaxpr.invars, *jaxpr.constvars])}
+    values, hoist = list(closed.consts), []
+    eqn_keys = []
+    for i, eqn in enumerate(jaxpr.eqns):
+        ins: list[Any] = []
+        for j, a in enumerate(eqn.invars):
+            if type(a) is not Literal:
+                ins.append(names[a])
+            elif _keeps_value(a):
+                ins.append(_literal_key(a))
+            else:
+                ins.append(("input", a.aval))
+                values.append(a.val)
+                hoist.append((i, j))
+        for v in eqn.outvars:
+            names[v] = len(names)
+        eqn_keys.append((eqn.primitive, tuple(ins), _eqn_params_key(eqn),
+                         tuple(v.aval for v in eqn.outvars), eqn.ctx))
+    outs = tuple(_literal_key(a) if type(a) is Literal else names[a] for a in jaxpr.outvars)
+    key = (tuple(v.aval for v in jaxpr.invars), tuple(v.aval for v in jaxpr.constvars),
+           tuple(eqn_keys), outs)
+    return key, values, hoist
 
 
-def _rebuild_all(parts: list[_Shape], arrays: list[Any]) -> list[Any]:
-    out, start = [], 0
-    for p in parts:
-        out.append(p.rebuild(arrays[start:start + len(p.lifted)]))
-        start += len(p.lifted)
-    return out
+# Keys of nested jaxprs by identity (jax reuses the jaxpr of a jitted function across
+# traces); each entry holds its jaxpr, so the id stays that object's.
+_SUB_KEYS_SIZE = 4096
+_sub_keys: collections.OrderedDict = collections.OrderedDict()
 
 
-def _is_liftable(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray)) or jaxutil.is_tracer(x)
+def _jaxpr_key(jaxpr: Jaxpr) -> Any:
+    with _lock:
+        hit = _sub_keys.get(id(jaxpr))
+    if hit is not None and hit[0] is jaxpr:
+        return hit[1]
+    names: dict[Var, int] = {v: i for i, v in enumerate([*jaxpr.constvars, *jaxpr.invars])}
+    eqn_keys = []
+    for eqn in jaxpr.eqns:
+        ins = tuple(_literal_key(a) if type(a) is Literal else names[a] for a in eqn.invars)
+        for v in eqn.outvars:
+            names[v] = len(names)
+        eqn_keys.append((eqn.primitive, ins, _eqn_params_key(eqn),
+                         tuple(v.aval for v in eqn.outvars), eqn.ctx))
+    outs = tuple(_literal_key(a) if type(a) is Literal else names[a] for a in jaxpr.outvars)
+    key = (tuple(v.aval for v in jaxpr.constvars), tuple(v.aval for v in jaxpr.invars),
+           tuple(eqn_keys), outs)
+    with _lock:
+        _sub_keys[id(jaxpr)] = (jaxpr, key)
+        while len(_sub_keys) > _SUB_KEYS_SIZE:
+            _sub_keys.popitem(last=False)
+    return key
 
 
-def _static_key(x: Any) -> Any:
-    """Python scalars and strings by value (a new float each call still hits); else by id."""
-    if x is None or type(x) in (bool, int, float, complex, str):
-        return (type(x), x)
-    if type(x) is tuple:
-        return tuple(map(_static_key, x))
-    return ("id", id(x))
+def _eqn_params_key(eqn: Any) -> Any:
+    params = eqn.params
+    if eqn.primitive is jaxutil.prims.custom_jvp_call_p:
+        return _custom_jvp_key(eqn)
+    return tuple((name, _value_key(value)) for name, value in params.items())
 
 
-def _cell_contents(cell: Any) -> Any:
+def _custom_jvp_key(eqn: Any) -> Any:
+    """A custom_jvp call by its function and its rule, traced now (jax holds the rule as
+    a thunk). A rule that sees symbolic zeros is traced per zero pattern: no key."""
+    params = eqn.params
+    if params["symbolic_zeros"]:
+        raise _Unkeyable
+    num_args = len(eqn.invars) - params["num_consts"]
+    call_key = (_value_key(params["call_jaxpr"]), params["num_consts"])
+    stack = _rules_being_keyed.__dict__.setdefault("stack", [])
+    if call_key in stack:
+        # A rule that calls its own function (jnp.linalg.det's does): the inner call is
+        # keyed by the outer one, which is being keyed.
+        return ("recursive", call_key)
     try:
-        return cell.cell_contents
-    except ValueError:  # an empty cell
-        return None
+        rule, consts, out_zeros = jaxutil.custom_jvp_rule(params["jvp_jaxpr_fun"],
+                                                          [False] * num_args)
+    except Exception as err:  # the rule fails: fungrad's jvp reports it when it needs it
+        raise _Unkeyable from err
+    stack.append(call_key)
+    try:
+        return (call_key, _jaxpr_key(rule), tuple(map(_const_key, consts)), tuple(out_zeros))
+    finally:
+        stack.pop()
 
 
-_TRACING_NOTE = (
-    "fungrad traces the function to a jaxpr before differentiating it, as jax.jit does, "
-    "so Python control flow cannot depend on the values of its array arguments, "
-    "differentiated or not. Use lax.cond, lax.select or jnp.where instead, or pass a "
-    "value that only steers Python code as a Python number.")
+_rules_being_keyed = threading.local()
+
+
+_SMALL = 64  # constants of nested jaxprs up to this many elements are keyed by value
+
+
+def _value_key(value: Any) -> Any:
+    if isinstance(value, ClosedJaxpr):
+        return ("closed", _jaxpr_key(value.jaxpr), tuple(map(_const_key, value.consts)))
+    if isinstance(value, Jaxpr):
+        return ("jaxpr", _jaxpr_key(value))
+    if type(value) in (tuple, list):
+        return (type(value), tuple(map(_value_key, value)))
+    if isinstance(value, (np.ndarray, jax.Array)):
+        return _const_key(value)
+    try:
+        hash(value)  # a function jax holds (a callback, a policy) compares by identity
+    except TypeError as err:
+        raise _Unkeyable from err
+    return value
+
+
+def _const_key(value: Any) -> Any:
+    if not jaxutil.is_tracer(value) and np.size(value) <= _SMALL:
+        return ("value", jaxutil.typeof(value), np.asarray(value).tobytes())
+    return _Identity(value)
+
+
+class _Identity:
+    """A key part equal only to itself: holding the object keeps its id unique."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __hash__(self) -> int:
+        return id(self.value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Identity) and other.value is self.value
+
+
+def _literal_key(literal: Literal) -> Any:
+    return ("literal", literal.aval, np.asarray(literal.val).tobytes())

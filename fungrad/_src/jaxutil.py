@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
-from jax._src import ad_util, core, source_info_util
+from jax._src import ad_util, core, source_info_util, traceback_util
+from jax._src import dtypes as _dtypes
 from jax._src import linear_util as _lu
 from jax._src.interpreters import batching, mlir
 from jax._src.interpreters import partial_eval as _pe
@@ -46,6 +49,11 @@ __all__ = [
 
 float0 = jax.dtypes.float0
 typeof = jax.typeof
+
+# fungrad's own frames are left out of the tracebacks users see, as jax leaves out its own
+# (JAX_TRACEBACK_FILTERING=off shows them); the public transforms are the boundary.
+traceback_util.register_exclusion(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+api_boundary = traceback_util.api_boundary
 
 
 def is_tracer(x: Any) -> bool:
@@ -190,33 +198,6 @@ def call_custom_bwd(bwd: Any, res: Sequence[Any], cts: Sequence[Any]) -> list[An
 def symbolic_zero_for_user(aval: Any) -> Any:
     """The object a `symbolic_zeros=True` custom rule expects in place of a zero tangent."""
     return ad_util.SymbolicZero(aval)
-
-
-def custom_rules_close_over_inputs(jaxpr: Jaxpr) -> bool:
-    """Whether a custom_jvp/custom_vjp function in `jaxpr` closes over traced values.
-
-    jax hands the user's rule to us as a thunk that traces it on demand; a value the
-    rule closes over that was traced with the function itself is then out of scope.
-    """
-    for eqn in jaxpr.eqns:
-        if eqn.primitive in (prims.custom_jvp_call_p, prims.custom_vjp_call_p):
-            if eqn.params["num_consts"]:
-                return True
-        for sub in _sub_jaxprs(eqn.params):
-            if custom_rules_close_over_inputs(sub):
-                return True
-    return False
-
-
-def _sub_jaxprs(params: dict) -> list[Jaxpr]:
-    found = []
-    for value in params.values():
-        for item in value if isinstance(value, (tuple, list)) else (value,):
-            if isinstance(item, ClosedJaxpr):
-                found.append(item.jaxpr)
-            elif isinstance(item, Jaxpr):
-                found.append(item)
-    return found
 
 
 def register_failing_lowering(prim: Primitive, error: Callable[..., Any]) -> None:
@@ -427,3 +408,183 @@ def cotangent_spec(spec: Any) -> Any:
     unreduced axes trade places; a plain spec is its own)."""
     to_ct = getattr(spec, "to_ct_spec", None)
     return spec if to_ct is None else to_ct()
+
+
+# --- capture: a jaxpr of the path the user's Python takes, with values on demand --------
+#
+# jax.grad runs the user's function on values, so Python may branch on them (`if x > 0`,
+# `int(n)`, `x.item()`). fungrad records a jaxpr instead, and gives its tracers values
+# on demand: a tracer asked for its concrete value evaluates, once, the recorded equations
+# it depends on. Python runs exactly once per call; a function that never asks costs no
+# more than a trace, and one that asks gets the jaxpr of the path it took.
+
+class _EagerTracer(_pe.DynamicJaxprTracer):
+    """A staged value of a capture whose concrete value is computed when asked for.
+
+    Like a tracer of jax.grad: `bool`, `int`, `item()` see the value; `float`, `complex`
+    and numpy conversion of a value that depends on the differentiated inputs raise as
+    they do in jax, and work on values computed from constants alone.
+    """
+
+    __slots__ = ()
+    _trace: _EagerTrace
+
+    def to_concrete_value(self):
+        caller = sys._getframe(1)
+        while caller is not None and caller.f_code.co_name in ("to_concrete_value", "is_concrete"):
+            caller = caller.f_back
+        if caller is not None and caller.f_code.co_name in _OPPORTUNISTIC_CALLERS:
+            return self._trace.concrete(self, compute=False)
+        return self._trace.concrete(self)
+
+    def _converted(self, convert: Callable, fallback: Callable):
+        if self._trace.depends_on_inputs(self):
+            return fallback()
+        value = self._trace.concrete(self)
+        return fallback() if value is None else convert(np.asarray(value))
+
+    def __float__(self):
+        return self._converted(float, super().__float__)
+
+    def __complex__(self):
+        return self._converted(complex, super().__complex__)
+
+    def __array__(self, *args, **kwargs):
+        return self._converted(lambda v: np.asarray(v, *args, **kwargs),
+                               lambda: super(_EagerTracer, self).__array__(*args, **kwargs))
+
+    def tolist(self):
+        return self._converted(lambda v: v.tolist(), super().tolist)
+
+
+# jax functions that ask whether a value is concrete only to take a shortcut that does not
+# change the result (skip a no-op conversion, stage a constant, read a sharding): they get
+# the value only if it is already known, so that asking does not evaluate the program.
+_OPPORTUNISTIC_CALLERS = frozenset({
+    "_convert_element_type", "array", "asarray", "_is_slice_element_none_or_constant_or_symbolic",
+    "_infer_src_sharding",
+})
+
+
+class _EagerTrace(_pe.DynamicJaxprTrace):
+    """A jaxpr trace whose tracers can compute their values from the inputs' values."""
+
+    __slots__ = ("_sources", "_values", "_depends")
+
+    def init_values(self):
+        self._sources: dict[Any, Any] = {}  # input var -> a value, or a tracer to ask
+        self._values: dict[Any, Any] = {}
+        self._depends: dict[Any, bool] = {}
+
+    def var_to_tracer(self, var, source_info, parent=None):
+        return _as_eager(super().var_to_tracer(var, source_info, parent))
+
+    def new_arg(self, aval, source_info):
+        return _as_eager(super().new_arg(aval, source_info))
+
+    def _new_const(self, aval, c, source_info):
+        return _as_eager(super()._new_const(aval, c, source_info))
+
+    def depends_on_inputs(self, tracer) -> bool:
+        atom = tracer.val
+        if type(atom) is Literal:
+            return False
+        known = self._depends
+        todo = [tracer]
+        while todo:
+            t = todo[-1]
+            var, eqn = t.val, t.parent
+            if type(var) is Literal or var in known:
+                todo.pop()
+            elif var in self._sources:
+                known[var] = True
+            elif eqn is None:  # a constant
+                known[var] = False
+            else:
+                missing = [x for x in eqn.in_tracers
+                           if type(x.val) is not Literal and x.val not in known]
+                if missing:
+                    todo.extend(missing)
+                    continue
+                todo.pop()
+                flag = any(type(x.val) is not Literal and known[x.val] for x in eqn.in_tracers)
+                for v in eqn.outvars:
+                    known[v] = flag
+        return known[atom]
+
+    def concrete(self, tracer, compute: bool = True) -> Any:
+        """The value of `tracer` at this call's inputs, or None where an input has none
+        (inside jax.jit). Without `compute`, only a value already known."""
+        values, consts = self._values, self.frame.constvar_to_val
+        if not compute:
+            return self._read(tracer) if self._has_value(tracer) else None
+        todo = [tracer]
+        while todo:
+            t = todo[-1]
+            var, eqn = t.val, t.parent
+            if type(var) is Literal or var in values:
+                todo.pop()
+                continue
+            if var in consts or var in self._sources:
+                # An input, or a constant that may be an outer transform's tracer.
+                source = consts[var] if var in consts else self._sources[var]
+                values[var] = core.to_concrete_value(source)
+                continue
+            assert eqn is not None, var
+            missing = [x for x in eqn.in_tracers if not self._has_value(x)]
+            if missing:
+                todo.extend(missing)
+                continue
+            todo.pop()
+            invals = [self._read(x) for x in eqn.in_tracers]
+            if any(x is None for x in invals):
+                outs: list[Any] = [None] * len(eqn.outvars)
+            else:
+                with core.set_current_trace(core.eval_trace):
+                    outs = bind_eqn(eqn, invals)
+            for v, x in zip(eqn.outvars, outs, strict=True):
+                values[v] = x
+        return self._read(tracer)
+
+    def _has_value(self, tracer) -> bool:
+        var = tracer.val
+        return type(var) is Literal or var in self._values
+
+    def _read(self, tracer) -> Any:
+        var = tracer.val
+        return var.val if type(var) is Literal else self._values[var]
+
+
+def _as_eager(tracer):
+    tracer.__class__ = _EagerTracer
+    return tracer
+
+
+def capture_jaxpr(fun: Callable, avals: Sequence[Any], sources: Sequence[Any],
+                  name: str) -> ClosedJaxpr:
+    """Traces `fun(*flat_args) -> flat_outs` to a closed jaxpr, like `trace_to_jaxpr`,
+    with tracers that can compute their concrete value from `sources` (one per input:
+    a value, or an outer tracer asked for its own) when the Python code needs it.
+
+    Values the function closes over stay what they are: constants of the jaxpr.
+    """
+    debug = DebugInfo("fungrad", name, None, None)
+    wrapped = _lu.wrap_init(lambda *args: list(fun(*args)), debug_info=debug)
+    trace = _EagerTrace(debug, parent_trace=core.trace_ctx.trace)
+    trace.init_values()
+    with (core.ensure_no_leaks(trace), source_info_util.reset_name_stack(),
+          _pe.TracebackScope()):
+        source_info = source_info_util.current()
+        in_tracers = [trace.new_arg(aval, source_info) for aval in avals]
+        for t, source in zip(in_tracers, sources, strict=True):
+            trace._sources[t.val] = source
+        with core.set_current_trace(trace):
+            ans = wrapped.call_wrapped(*in_tracers)
+        ans = [_dtypes.canonicalize_value(x) for x in ans]
+        out_tracers = [trace.to_jaxpr_tracer(x, source_info) for x in ans]
+        jaxpr, consts = trace.frame.to_jaxpr(trace, out_tracers, debug, source_info)
+        del trace, in_tracers, out_tracers, ans
+    closed = ClosedJaxpr(jaxpr, consts)
+    if core.internal_mutable_array_effect in jaxpr.effects:
+        closed = discharge_refs(closed)
+    return closed

@@ -306,8 +306,11 @@ def test_while_reverse_mode_error_names_the_loop():
     _, pullback = fungrad.vjp(_newton_while, a)  # as in jax, the error comes when transposing
     with pytest.raises(ValueError, match=match):
         pullback(np.ones(2))
-    with pytest.raises(ValueError, match="Reverse-mode"):
-        fungrad.grad(lambda x: _fori_dynamic(x, jnp.asarray(2)).sum())(a)
+    with pytest.raises(ValueError, match="Reverse-mode"):  # a traced bound makes it a while
+        jax.jit(fungrad.grad(lambda x, n: _fori_dynamic(x, n).sum()))(a, jnp.asarray(2))
+    # Outside jit the bound is a concrete array: a scan, differentiable, as under jax.grad.
+    fori_sum = lambda x: _fori_dynamic(x, jnp.asarray(2)).sum()  # noqa: E731
+    assert_close(fungrad.grad(fori_sum)(a), jax.grad(fori_sum)(a))
 
 
 def test_while_partly_known_carries():
