@@ -352,3 +352,33 @@ def test_linearize_returns_a_pytree_that_passes_into_and_out_of_jit():
     assert_close(jax.jit(lambda fj, t: fj(t))(f_jvp, jnp.ones(3)), want)
     returned = jax.jit(lambda x: fungrad.linearize(f, x)[1])(X)
     assert_close(returned(jnp.ones(3)), want)
+
+
+@jax.custom_jvp
+def _signed_slope(x):
+    return jnp.sin(x)
+
+
+@_signed_slope.defjvp
+def _signed_slope_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return _signed_slope(x), (2.0 if x > 0 else -3.0) * t  # a rule that branches on x
+
+
+@jax.custom_vjp
+def _signed_back(x):
+    return jnp.sin(x)
+
+
+_signed_back.defvjp(lambda x: (jnp.sin(x), x),
+                    lambda x, ct: ((2.0 if x > 0 else -3.0) * ct,))  # a bwd that branches
+
+
+@pytest.mark.parametrize("fun", [_signed_slope, _signed_back], ids=["custom_jvp", "custom_vjp"])
+def test_custom_rules_may_branch_on_values(fun):
+    def loss(x):
+        return fun(x) * x
+
+    for x in (1.0, -1.0, 1.0):
+        assert_close(fungrad.grad(loss)(x), jax.grad(loss)(x))
+        assert_close(fungrad.value_and_grad(fun)(x), jax.value_and_grad(fun)(x))

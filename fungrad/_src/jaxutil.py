@@ -469,9 +469,10 @@ _OPPORTUNISTIC_CALLERS = frozenset({
 class _EagerTrace(_pe.DynamicJaxprTrace):
     """A jaxpr trace whose tracers can compute their values from the inputs' values."""
 
-    __slots__ = ("_sources", "_values", "_depends")
+    __slots__ = ("_sources", "_values", "_depends", "_trace_rules")
 
-    def init_values(self):
+    def init_values(self, trace_rules: bool):
+        self._trace_rules = trace_rules  # not inside a rule: one that calls its own function
         self._sources: dict[Any, Any] = {}  # input var -> a value, or a tracer to ask
         self._values: dict[Any, Any] = {}
         self._depends: dict[Any, bool] = {}
@@ -484,6 +485,24 @@ class _EagerTrace(_pe.DynamicJaxprTrace):
 
     def _new_const(self, aval, c, source_info):
         return _as_eager(super()._new_const(aval, c, source_info))
+
+    def process_custom_jvp_call(self, prim, fun, jvp, tracers, /, *, symbolic_zeros):
+        outs = super().process_custom_jvp_call(prim, fun, jvp, tracers,
+                                               symbolic_zeros=symbolic_zeros)
+        eqn = getattr(outs[0], "parent", None) if outs else None
+        if not self._trace_rules or symbolic_zeros or eqn is None or eqn.primitive is not prim:
+            return outs
+        # Trace the user's rule now, while this trace is live, with primals that can give
+        # their values: a rule may branch on them, as under jax.grad. The rule's jaxpr for
+        # the only zero pattern fungrad asks of such a rule (none: zeros are instantiated)
+        # is kept in the equation in place of jax's lazy thunk.
+        params = dict(eqn.params)
+        num_consts = params["num_consts"]
+        in_zeros = (False,) * (len(eqn.in_tracers) - num_consts)
+        rule = _trace_jvp_rule(jvp, in_zeros, tracers)
+        params["jvp_jaxpr_fun"] = _jvp_thunk_with(params["jvp_jaxpr_fun"], in_zeros, rule)
+        eqn.params = params
+        return outs
 
     def depends_on_inputs(self, tracer) -> bool:
         atom = tracer.val
@@ -555,13 +574,37 @@ class _EagerTrace(_pe.DynamicJaxprTrace):
         return var.val if type(var) is Literal else self._values[var]
 
 
+def _trace_jvp_rule(jvp: Any, in_zeros: tuple[bool, ...], primals: Sequence[Any]) -> tuple:
+    """The user's JVP rule as jax's thunk gives it, `(jaxpr, consts, out_zeros)`, traced with
+    primal inputs whose values come from `primals` on demand."""
+    wrapped, out_zeros = _pe._jvp_jaxpr_zeros(jvp, in_zeros, ())
+    avals = [typeof(x) for x in primals]
+    tangent_avals = [a.to_tangent_aval() for a in avals]
+    closed = capture_jaxpr(lambda *args: wrapped.call_wrapped(*args), [*avals, *tangent_avals],
+                           [*primals, *(None for _ in tangent_avals)], "custom_jvp rule",
+                           trace_rules=False)
+    rule = closed.jaxpr, list(closed.consts), out_zeros()
+    for store in jvp.stores:  # as jax leaves them: the caller reads the function's store
+        if store:
+            store.reset()
+    return rule
+
+
+def _jvp_thunk_with(thunk: Any, in_zeros: tuple[bool, ...], rule: tuple) -> Any:
+    """jax's rule thunk, answering the pattern `in_zeros` with the rule traced already."""
+    def jvp_jaxpr_fun(*zeros):
+        return rule if tuple(zeros) == in_zeros else thunk.call_wrapped(*zeros)
+
+    return _lu.wrap_init(jvp_jaxpr_fun, debug_info=thunk.debug_info)
+
+
 def _as_eager(tracer):
     tracer.__class__ = _EagerTracer
     return tracer
 
 
 def capture_jaxpr(fun: Callable, avals: Sequence[Any], sources: Sequence[Any],
-                  name: str) -> ClosedJaxpr:
+                  name: str, trace_rules: bool = True) -> ClosedJaxpr:
     """Traces `fun(*flat_args) -> flat_outs` to a closed jaxpr, like `trace_to_jaxpr`,
     with tracers that can compute their concrete value from `sources` (one per input:
     a value, or an outer tracer asked for its own) when the Python code needs it.
@@ -571,7 +614,7 @@ def capture_jaxpr(fun: Callable, avals: Sequence[Any], sources: Sequence[Any],
     debug = DebugInfo("fungrad", name, None, None)
     wrapped = _lu.wrap_init(lambda *args: list(fun(*args)), debug_info=debug)
     trace = _EagerTrace(debug, parent_trace=core.trace_ctx.trace)
-    trace.init_values()
+    trace.init_values(trace_rules)
     with (core.ensure_no_leaks(trace), source_info_util.reset_name_stack(),
           _pe.TracebackScope()):
         source_info = source_info_util.current()
