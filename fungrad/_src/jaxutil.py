@@ -505,20 +505,47 @@ class _EagerTrace(_pe.DynamicJaxprTrace):
         return outs
 
     def depends_on_inputs(self, tracer) -> bool:
-        atom = tracer.val
-        if type(atom) is Literal:
-            return False
-        known = self._depends
-        todo = [tracer]
+        """Whether `tracer`'s value depends on the traced inputs (not only on constants)."""
+        def eqn_flags(eqn):
+            flag = any(type(x.val) is not Literal and self._depends[x.val] for x in eqn.in_tracers)
+            return [flag] * len(eqn.outvars)
+
+        return self._walk(tracer, self._depends, lambda var: var in self._sources, eqn_flags)
+
+    def concrete(self, tracer, compute: bool = True) -> Any:
+        """The value of `tracer` at this call's inputs, or None where an input has none
+        (inside jax.jit). Without `compute`, only a value already known."""
+        var = tracer.val
+        if not compute and type(var) is not Literal and var not in self._values:
+            return None
+
+        def leaf_value(var):  # an input, or a constant that may be an outer tracer
+            consts = self.frame.constvar_to_val
+            return core.to_concrete_value(consts[var] if var in consts else self._sources[var])
+
+        def eqn_values(eqn):
+            invals = [x.val.val if type(x.val) is Literal else self._values[x.val]
+                      for x in eqn.in_tracers]
+            if any(x is None for x in invals):
+                return [None] * len(eqn.outvars)
+            with core.set_current_trace(core.eval_trace):
+                return bind_eqn(eqn, invals)
+
+        return self._walk(tracer, self._values, leaf_value, eqn_values)
+
+    def _walk(self, root, known: dict, leaf: Callable, eqn_outs: Callable) -> Any:
+        """What `known` holds for `root`'s variable, filling it in dependency order: `leaf`
+        for inputs and constants, `eqn_outs` for an equation's outputs once its inputs are
+        known. An explicit stack: a chain of equations may be longer than Python's stack."""
+        todo = [root]
         while todo:
             t = todo[-1]
             var, eqn = t.val, t.parent
             if type(var) is Literal or var in known:
                 todo.pop()
-            elif var in self._sources:
-                known[var] = True
-            elif eqn is None:  # a constant
-                known[var] = False
+            elif eqn is None or var in self._sources:
+                known[var] = leaf(var)
+                todo.pop()
             else:
                 missing = [x for x in eqn.in_tracers
                            if type(x.val) is not Literal and x.val not in known]
@@ -526,52 +553,15 @@ class _EagerTrace(_pe.DynamicJaxprTrace):
                     todo.extend(missing)
                     continue
                 todo.pop()
-                flag = any(type(x.val) is not Literal and known[x.val] for x in eqn.in_tracers)
-                for v in eqn.outvars:
-                    known[v] = flag
-        return known[atom]
+                for v, out in zip(eqn.outvars, eqn_outs(eqn), strict=True):
+                    known[v] = out
+        var = root.val
+        return var.val if type(var) is Literal else known[var]
 
-    def concrete(self, tracer, compute: bool = True) -> Any:
-        """The value of `tracer` at this call's inputs, or None where an input has none
-        (inside jax.jit). Without `compute`, only a value already known."""
-        values, consts = self._values, self.frame.constvar_to_val
-        if not compute:
-            return self._read(tracer) if self._has_value(tracer) else None
-        todo = [tracer]
-        while todo:
-            t = todo[-1]
-            var, eqn = t.val, t.parent
-            if type(var) is Literal or var in values:
-                todo.pop()
-                continue
-            if var in consts or var in self._sources:
-                # An input, or a constant that may be an outer transform's tracer.
-                source = consts[var] if var in consts else self._sources[var]
-                values[var] = core.to_concrete_value(source)
-                continue
-            assert eqn is not None, var
-            missing = [x for x in eqn.in_tracers if not self._has_value(x)]
-            if missing:
-                todo.extend(missing)
-                continue
-            todo.pop()
-            invals = [self._read(x) for x in eqn.in_tracers]
-            if any(x is None for x in invals):
-                outs: list[Any] = [None] * len(eqn.outvars)
-            else:
-                with core.set_current_trace(core.eval_trace):
-                    outs = bind_eqn(eqn, invals)
-            for v, x in zip(eqn.outvars, outs, strict=True):
-                values[v] = x
-        return self._read(tracer)
 
-    def _has_value(self, tracer) -> bool:
-        var = tracer.val
-        return type(var) is Literal or var in self._values
-
-    def _read(self, tracer) -> Any:
-        var = tracer.val
-        return var.val if type(var) is Literal else self._values[var]
+def _as_eager(tracer):
+    tracer.__class__ = _EagerTracer
+    return tracer
 
 
 def _trace_jvp_rule(jvp: Any, in_zeros: tuple[bool, ...], primals: Sequence[Any]) -> tuple:
@@ -596,11 +586,6 @@ def _jvp_thunk_with(thunk: Any, in_zeros: tuple[bool, ...], rule: tuple) -> Any:
         return rule if tuple(zeros) == in_zeros else thunk.call_wrapped(*zeros)
 
     return _lu.wrap_init(jvp_jaxpr_fun, debug_info=thunk.debug_info)
-
-
-def _as_eager(tracer):
-    tracer.__class__ = _EagerTracer
-    return tracer
 
 
 def capture_jaxpr(fun: Callable, avals: Sequence[Any], sources: Sequence[Any],
