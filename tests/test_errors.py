@@ -284,3 +284,16 @@ def test_an_integer_outputs_cotangent_may_be_integer_zeros_as_in_jax():
     y, pullback = fungrad.vjp(f, 1.5)
     ct = (jnp.ones_like(y[0]), jnp.zeros_like(y[1]))  # integer zeros for the integer output
     assert pullback(ct)[0] == jax.vjp(f, 1.5)[1](ct)[0]
+
+
+def test_a_concretization_error_names_the_users_function_and_argument():
+    def loss(weights, scale):
+        return weights * float(weights) * scale
+
+    with _raises(jax.errors.ConcretizationTypeError, "tracing the function loss at",
+                 "for fungrad.grad", "the argument weights"):
+        fungrad.grad(loss)(2.0, 3.0)
+    with _raises(jax.errors.ConcretizationTypeError, "for fungrad.jacrev",
+                 "the argument params['w']"):
+        fungrad.jacrev(lambda params, n: params["w"] * float(params["w"][0]))(
+            {"w": jnp.ones(2)}, 3)

@@ -25,7 +25,7 @@ from fungrad._src.zeros import Zero, has_tangent_space, instantiate
 
 
 def _trace(fun: Callable, args: Sequence[Any], diff_argnums: Sequence[int],
-           fname: str) -> tuple[Captured, list[Any], list[bool]]:
+           fname: str, user_fun: Callable) -> tuple[Captured, list[Any], list[bool]]:
     """Captures `fun(*args)`; returns it with its jaxpr inputs and which are differentiated.
 
     The leaves of the differentiated arguments are traced; the other arguments reach
@@ -34,13 +34,10 @@ def _trace(fun: Callable, args: Sequence[Any], diff_argnums: Sequence[int],
     """
     leaves, in_tree = tree_util.tree_flatten(tuple(args))
     dynamic = _leaf_is_diff([tree_util.tree_leaves(a) for a in args], diff_argnums)
-    captured, consts = capture(fun, in_tree, leaves, dynamic, name=_fun_name(fun))
+    debug = jaxutil.user_debug_info(f"fungrad.{fname}", user_fun, args, diff_argnums)
+    captured, consts = capture(fun, in_tree, leaves, dynamic, debug)
     inputs = [*(x for x, d in zip(leaves, dynamic, strict=True) if d), *consts]
     return captured, inputs, [*(True for d in dynamic if d), *(False for _ in consts)]
-
-
-def _fun_name(fun: Any) -> str:
-    return getattr(fun, "__name__", None) or type(fun).__name__
 
 
 def _leaf_is_diff(leaves_per_arg: list[list[Any]], diff_argnums: Sequence[int]) -> list[bool]:
@@ -117,7 +114,7 @@ def jvp(fun: Callable, primals: Sequence[Any], tangents: Sequence[Any],
                             tree_util.tree_leaves(tangents), strict=True):
         api_util.check_tangent(x, t, f"the tangent at tangents{tree_util.keystr(path)}", "jvp")
     fun_ = _with_aux_split(fun, has_aux, "jvp")
-    captured, inputs, diff = _trace(fun_, primals, range(len(primals)), "jvp")
+    captured, inputs, diff = _trace(fun_, primals, range(len(primals)), "jvp", fun)
     given = iter(tree_util.tree_leaves(tangents))
     dots = [next(given) if d else None for d in diff]
     nonzeros = tuple(d and has_tangent_space(jaxutil.typeof(x)) for x, d in zip(inputs, diff, strict=True))
@@ -151,7 +148,7 @@ def linearize(fun: Callable, *primals: Any, has_aux: bool = False) -> tuple[Any,
     api_util.check_callable(fun, "linearize")
     api_util.check_array_leaves(primals, "primals", "linearize")
     fun_ = _with_aux_split(fun, has_aux, "linearize")
-    captured, inputs, diff = _trace(fun_, primals, range(len(primals)), "linearize")
+    captured, inputs, diff = _trace(fun_, primals, range(len(primals)), "linearize", fun)
     nonzeros = tuple(d and has_tangent_space(jaxutil.typeof(x))
                      for x, d in zip(inputs, diff, strict=True))
     outs, _, residuals = _linearize_flat(captured.jaxpr, inputs, nonzeros, captured.reused)
@@ -214,7 +211,7 @@ def vjp(fun: Callable, *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:
     api_util.check_callable(fun, "vjp")
     api_util.check_array_leaves(primals, "primals", "vjp")
     fun_ = _with_aux_split(fun, has_aux, "vjp")
-    captured, inputs, diff = _trace(fun_, primals, range(len(primals)), "vjp")
+    captured, inputs, diff = _trace(fun_, primals, range(len(primals)), "vjp", fun)
     nonzeros = [d and has_tangent_space(jaxutil.typeof(x)) for x, d in zip(inputs, diff, strict=True)]
     outs, _, residuals = _linearize_flat(captured.jaxpr, inputs, nonzeros, captured.reused)
     n_out = _num_outs(captured, has_aux)
@@ -333,7 +330,7 @@ def _value_and_grad(fun, args, kwargs, nums, has_aux, holomorphic, allow_int, fn
     for x in tree_util.tree_leaves(diff_args):
         api_util.check_input_dtype(x, holomorphic=holomorphic, allow_int=allow_int, fname=fname)
     fun_ = _with_aux_split(functools.partial(fun, **kwargs) if kwargs else fun, has_aux, fname)
-    captured, inputs, diff = _trace(fun_, args, nums, fname)
+    captured, inputs, diff = _trace(fun_, args, nums, fname, fun)
     n_out = _num_outs(captured, has_aux)
     out_tree = _out_tree(captured, has_aux)
     if out_tree.num_leaves != 1 or not tree_util.treedef_is_leaf(out_tree):
@@ -427,8 +424,9 @@ def _eager_transform(impl: Callable, config: tuple, fun: Callable, args: tuple,
     if not _all_concrete(tree_util.tree_leaves((args, kwargs))) or not all(
             map(_is_traceable_array, dyn_leaves)):
         return impl(fun, *config, args, kwargs, nums)
+    debug = jaxutil.user_debug_info(f"fungrad.{impl.__name__[1:-5]}", fun, args, nums)
     captured, consts = capture(_partial_args(fun, args, nums, kwargs), dyn_tree, dyn_leaves,
-                               [True] * len(dyn_leaves), name=_fun_name(fun))
+                               [True] * len(dyn_leaves), debug)
     static = (impl, config, dyn_tree, captured.out_tree)
     run = _runner(_transform_flat, captured.jaxpr, captured.reused, dyn_leaves, *static)
     return run(captured.jaxpr, *static, *dyn_leaves, *consts)

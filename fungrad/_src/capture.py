@@ -45,12 +45,13 @@ class Captured:
 
 
 def capture(fun: Callable, in_tree: Any, leaves: Sequence[Any], dynamic: Sequence[bool],
-            name: str = "fun") -> tuple[Captured, list[Any]]:
+            debug: Any = None) -> tuple[Captured, list[Any]]:
     """Traces `fun(*tree_unflatten(in_tree, leaves))` with the `dynamic` leaves traced.
 
     The other leaves are passed to `fun` as they are, as `jax.grad` passes the arguments
     it does not differentiate. Returns the captured program and the constants to pass
-    after the traced leaves.
+    after the traced leaves. `debug` (a jax DebugInfo) names the function and its
+    traced inputs in jax's error messages.
     """
     dyn_leaves = [x for x, d in zip(leaves, dynamic, strict=True) if d]
     avals = [jaxutil.typeof(x) for x in dyn_leaves]
@@ -64,8 +65,8 @@ def capture(fun: Callable, in_tree: Any, leaves: Sequence[Any], dynamic: Sequenc
         out_tree_box.append(out_tree)
         return flat_out
 
-    flat_fun.__name__ = getattr(fun, "__name__", name)
-    closed = jaxutil.capture_jaxpr(flat_fun, avals, dyn_leaves, flat_fun.__name__)
+    name = getattr(fun, "__name__", None) or type(fun).__name__
+    closed = jaxutil.capture_jaxpr(flat_fun, avals, dyn_leaves, debug or name)
     program, consts, reused = _canonical(closed)
     return Captured(program, out_tree_box[-1], len(consts), reused), consts
 

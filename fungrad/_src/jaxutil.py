@@ -588,15 +588,31 @@ def _jvp_thunk_with(thunk: Any, in_zeros: tuple[bool, ...], rule: tuple) -> Any:
     return _lu.wrap_init(jvp_jaxpr_fun, debug_info=thunk.debug_info)
 
 
+def user_debug_info(traced_for: str, fun: Callable, args: Sequence[Any],
+                    diff_argnums: Sequence[int]) -> DebugInfo:
+    """What jax's messages say of a trace: the user's function (name, file and line) and
+    the names of the differentiated arguments' leaves, the trace's inputs."""
+    from jax._src import api_util as _api_util
+
+    static = [i for i in range(len(args)) if i not in diff_argnums]
+    try:
+        return _api_util.debug_info(traced_for, fun, tuple(args), {}, static_argnums=static)
+    except Exception:  # a callable jax cannot inspect: its name alone
+        return DebugInfo(traced_for, getattr(fun, "__name__", type(fun).__name__), None, None)
+
+
 def capture_jaxpr(fun: Callable, avals: Sequence[Any], sources: Sequence[Any],
-                  name: str, trace_rules: bool = True) -> ClosedJaxpr:
+                  name: str | DebugInfo, trace_rules: bool = True) -> ClosedJaxpr:
     """Traces `fun(*flat_args) -> flat_outs` to a closed jaxpr, like `trace_to_jaxpr`,
     with tracers that can compute their concrete value from `sources` (one per input:
     a value, or an outer tracer asked for its own) when the Python code needs it.
 
     Values the function closes over stay what they are: constants of the jaxpr.
     """
-    debug = DebugInfo("fungrad", name, None, None)
+    debug = DebugInfo("fungrad", name, None, None) if isinstance(name, str) else name
+    debug = debug._replace(result_paths=None)
+    if debug.arg_names is not None and len(debug.arg_names) != len(avals):
+        debug = debug._replace(arg_names=None)
     wrapped = _lu.wrap_init(lambda *args: list(fun(*args)), debug_info=debug)
     trace = _EagerTrace(debug, parent_trace=core.trace_ctx.trace)
     trace.init_values(trace_rules)
