@@ -297,3 +297,11 @@ def test_a_concretization_error_names_the_users_function_and_argument():
                  "the argument params['w']"):
         fungrad.jacrev(lambda params, n: params["w"] * float(params["w"][0]))(
             {"w": jnp.ones(2)}, 3)
+
+
+def test_debug_nans_raises_a_floating_point_error_as_in_jax():
+    with jax.debug_nans(True):
+        for lib in (jax, fungrad):
+            for _ in range(2):  # the op-by-op first call and the compiled second
+                with pytest.raises(FloatingPointError, match="invalid value \\(nan\\)"):
+                    lib.grad(jnp.linalg.norm)(jnp.zeros(3))

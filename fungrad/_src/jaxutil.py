@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -10,6 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 from jax._src import ad_util, core, source_info_util, traceback_util
+from jax._src import api_util as _api_util
 from jax._src import dtypes as _dtypes
 from jax._src import linear_util as _lu
 from jax._src.interpreters import batching, mlir
@@ -53,7 +55,20 @@ typeof = jax.typeof
 # fungrad's own frames are left out of the tracebacks users see, as jax leaves out its own
 # (JAX_TRACEBACK_FILTERING=off shows them); the public transforms are the boundary.
 traceback_util.register_exclusion(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-api_boundary = traceback_util.api_boundary
+
+
+def api_boundary(fun: Callable) -> Callable:
+    """A public transform: jax's traceback boundary, and jax's FloatingPointError (under
+    jax_debug_nans) where a rule ran a jitted computation that made a nan or inf."""
+    @functools.wraps(fun)
+    def transform(*args, **kwargs):
+        try:
+            return fun(*args, **kwargs)
+        except _api_util.InternalFloatingPointError as err:
+            raise FloatingPointError(f"invalid value ({err.ty}) encountered in {err.name}; "
+                                     "fungrad computed it in a derivative") from None
+
+    return traceback_util.api_boundary(transform)
 
 
 def is_tracer(x: Any) -> bool:
@@ -64,8 +79,20 @@ def bind_eqn(eqn: JaxprEqn, invals: Sequence[Any]) -> list[Any]:
     """Runs one equation on values (concrete or traced); always returns a list."""
     params = eqn.primitive.get_bind_params(eqn.params)
     with source_info_util.user_context(eqn.source_info.traceback), eqn.ctx.manager:
-        out = eqn.primitive.bind(*invals, **params)
+        try:
+            out = eqn.primitive.bind(*invals, **params)
+        except _api_util.InternalFloatingPointError as err:  # jax_debug_nans / debug_infs
+            _raise_floating_point_error(eqn, invals, err)
     return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _raise_floating_point_error(eqn: JaxprEqn, invals: Sequence[Any], err: Any):
+    """As jax does for a jitted call: re-run the body op by op so that the error names
+    the primitive that made the nan or inf, then raise a FloatingPointError."""
+    inner = eqn.params.get("jaxpr")
+    if isinstance(inner, ClosedJaxpr):
+        eval_jaxpr(inner.jaxpr, inner.consts, *invals)
+    raise FloatingPointError(f"invalid value ({err.ty}) encountered in {err.name}") from None
 
 
 def new_eqn(invars, outvars, primitive: Primitive, params: dict, like: JaxprEqn) -> JaxprEqn:
@@ -592,8 +619,6 @@ def user_debug_info(traced_for: str, fun: Callable, args: Sequence[Any],
                     diff_argnums: Sequence[int]) -> DebugInfo:
     """What jax's messages say of a trace: the user's function (name, file and line) and
     the names of the differentiated arguments' leaves, the trace's inputs."""
-    from jax._src import api_util as _api_util
-
     static = [i for i in range(len(args)) if i not in diff_argnums]
     try:
         return _api_util.debug_info(traced_for, fun, tuple(args), {}, static_argnums=static)
