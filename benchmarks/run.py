@@ -92,11 +92,16 @@ def capture_time(fn, args, reps: int) -> float:
     """fungrad's per-call tracing time inside `fn` (median over `reps` eager calls)."""
     from fungrad._src import api
 
-    original, spent = api.capture, []
+    original, spent, depth = api.capture, [], [0]
 
-    def timed(*a, **k):
-        out, dt = _timed(lambda: original(*a, **k))
-        spent[-1] += dt
+    def timed(*a, **k):  # a capture nested in another (hvp's grad) is counted in it once
+        depth[0] += 1
+        try:
+            out, dt = _timed(lambda: original(*a, **k))
+        finally:
+            depth[0] -= 1
+        if depth[0] == 0:
+            spent[-1] += dt
         return out
 
     api.capture = timed

@@ -382,3 +382,11 @@ def test_custom_rules_may_branch_on_values(fun):
     for x in (1.0, -1.0, 1.0):
         assert_close(fungrad.grad(loss)(x), jax.grad(loss)(x))
         assert_close(fungrad.value_and_grad(fun)(x), jax.value_and_grad(fun)(x))
+
+
+@pytest.mark.parametrize("transform", ["grad", "jacfwd", "jacrev", "hessian"])
+def test_derivatives_at_a_python_float_keep_its_weak_type(transform):
+    for fun in (lambda x: x, lambda x: x * x):
+        got, want = getattr(fungrad, transform)(fun)(3.0), getattr(jax, transform)(fun)(3.0)
+        assert jax.typeof(got) == jax.typeof(want)
+        assert_close(got, want)

@@ -502,7 +502,8 @@ def _reshape_jac_fwd(j, out, dyn_leaves, dyn_tree, single):
     pieces, start = [], 0
     for x in dyn_leaves:
         size = int(np.prod(np.shape(x)))
-        pieces.append(jnp.reshape(j[..., start:start + size], (*out_shape, *np.shape(x))))
+        piece = jnp.reshape(j[..., start:start + size], (*out_shape, *np.shape(x)))
+        pieces.append(jaxutil.weak_like(piece, out))  # as jax's, weak where the output is
         start += size
     tree = tree_util.tree_unflatten(dyn_tree, pieces)
     return tree[0] if single else tree
@@ -545,15 +546,16 @@ def _jacrev_impl(fun: Callable, single: bool, has_aux: bool, holomorphic: bool, 
                                     fname="jacrev")
     basis = api_util.std_basis(y_leaves)
     cols = jax.vmap(lambda *b: pullback(tree_util.tree_unflatten(y_tree, list(b))))(*basis)
-    cols = tree_util.tree_map(_float0_as_zeros_of, cols, dyn)
+    cols = tree_util.tree_map(_like_input, cols, dyn)
     jac = _reshape_jac_rev(cols, y_leaves, y_tree, single)
     return (jac, outs[2]) if has_aux else jac
 
 
-def _float0_as_zeros_of(col, x):
-    """As jax does, the Jacobian with respect to an integer input is zeros of its dtype."""
+def _like_input(col, x):
+    """As jax's: the Jacobian with respect to an integer input is zeros of its dtype, and
+    with respect to a weakly typed input is weakly typed."""
     if col.dtype != jaxutil.float0:
-        return col
+        return jaxutil.weak_like(col, x)
     return jnp.zeros(col.shape, jaxutil.typeof(x).dtype)
 
 

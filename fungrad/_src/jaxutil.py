@@ -75,6 +75,15 @@ def is_tracer(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
+def weak_like(x: Any, example: Any) -> Any:
+    """`x` weakly typed where `example` is (a Jacobian keeps its function's weak type)."""
+    if not typeof(example).weak_type or typeof(x).dtype != typeof(example).dtype:
+        return x
+    from jax._src.lax import lax as _lax
+
+    return _lax._convert_element_type(x, typeof(x).dtype, weak_type=True)
+
+
 def bind_eqn(eqn: JaxprEqn, invals: Sequence[Any]) -> list[Any]:
     """Runs one equation on values (concrete or traced); always returns a list."""
     params = eqn.primitive.get_bind_params(eqn.params)
