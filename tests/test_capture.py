@@ -390,3 +390,24 @@ def test_derivatives_at_a_python_float_keep_its_weak_type(transform):
         got, want = getattr(fungrad, transform)(fun)(3.0), getattr(jax, transform)(fun)(3.0)
         assert jax.typeof(got) == jax.typeof(want)
         assert_close(got, want)
+
+
+def _vmapped_rule_closure(x):
+    def per(c):
+        @jax.custom_jvp
+        def h(y):
+            return jnp.sin(y) * c
+
+        @h.defjvp
+        def h_jvp(primals, tangents):
+            return h(primals[0]), jnp.cos(primals[0]) * c * tangents[0]
+
+        return h(x)
+
+    return jnp.sum(jax.vmap(per)(jnp.arange(3.0)))
+
+
+def test_a_custom_rule_may_close_over_a_value_vmapped_inside_the_function():
+    for transform in ("grad", "jacfwd", "jacrev"):
+        got = getattr(fungrad, transform)(_vmapped_rule_closure)(0.5)
+        assert_close(got, getattr(jax, transform)(_vmapped_rule_closure)(0.5))

@@ -507,8 +507,10 @@ class _EagerTrace(_pe.DynamicJaxprTrace):
 
     __slots__ = ("_sources", "_values", "_depends", "_trace_rules")
 
-    def init_values(self, trace_rules: bool):
-        self._trace_rules = trace_rules  # not inside a rule: one that calls its own function
+    def init_values(self, trace_rules: int):
+        # How deep custom_jvp rules are traced while the capture is live: the function's
+        # own calls (1), not the calls inside a rule, which may be its own function.
+        self._trace_rules = trace_rules
         self._sources: dict[Any, Any] = {}  # input var -> a value, or a tracer to ask
         self._values: dict[Any, Any] = {}
         self._depends: dict[Any, bool] = {}
@@ -526,7 +528,7 @@ class _EagerTrace(_pe.DynamicJaxprTrace):
         outs = super().process_custom_jvp_call(prim, fun, jvp, tracers,
                                                symbolic_zeros=symbolic_zeros)
         eqn = getattr(outs[0], "parent", None) if outs else None
-        if not self._trace_rules or symbolic_zeros or eqn is None or eqn.primitive is not prim:
+        if self._trace_rules <= 0 or symbolic_zeros or eqn is None or eqn.primitive is not prim:
             return outs
         # Trace the user's rule now, while this trace is live, with primals that can give
         # their values: a rule may branch on them, as under jax.grad. The rule's jaxpr for
@@ -535,10 +537,41 @@ class _EagerTrace(_pe.DynamicJaxprTrace):
         params = dict(eqn.params)
         num_consts = params["num_consts"]
         in_zeros = (False,) * (len(eqn.in_tracers) - num_consts)
-        rule = _trace_jvp_rule(jvp, in_zeros, tracers)
+        rule = _trace_jvp_rule(jvp, in_zeros, tracers, self._trace_rules - 1)
+        closed_over = [c for c in rule[1] if isinstance(c, _pe.DynamicJaxprTracer)]
+        if closed_over:  # the rule closes over values of this trace (a vmapped value)
+            rule, in_zeros = self._pass_closed_over(eqn, params, rule, closed_over)
         params["jvp_jaxpr_fun"] = _jvp_thunk_with(params["jvp_jaxpr_fun"], in_zeros, rule)
         eqn.params = params
         return outs
+
+    def _pass_closed_over(self, eqn, params: dict, rule: tuple, closed_over: list) -> tuple:
+        """Closure conversion: values of this trace that the rule closed over become leading
+        arguments of the call (the function ignores them; the rule reads them, and, as in
+        jax, their tangents do not enter it), so the rule can be run after the trace."""
+        jaxpr, consts, out_zeros = rule
+        num_consts, k = params["num_consts"], len(closed_over)
+        is_extra = [isinstance(c, _pe.DynamicJaxprTracer) for c in consts]
+        extra_vars = [v for v, e in zip(jaxpr.constvars, is_extra, strict=True) if e]
+        num_args = len(jaxpr.invars) // 2
+        primals, tangents = jaxpr.invars[:num_args], jaxpr.invars[num_args:]
+        new_rule = jaxpr.replace(
+            constvars=[v for v, e in zip(jaxpr.constvars, is_extra, strict=True) if not e],
+            invars=[*extra_vars, *primals, *(Var(v.aval.to_tangent_aval()) for v in extra_vars),
+                    *tangents])
+        call = params["call_jaxpr"]
+        invars = list(call.jaxpr.invars)
+        params["call_jaxpr"] = ClosedJaxpr(call.jaxpr.replace(invars=[
+            *invars[:num_consts], *(Var(v.aval) for v in extra_vars), *invars[num_consts:]]),
+            call.consts)
+        source_info = source_info_util.current()
+        extra = [self.to_jaxpr_tracer(c, source_info)
+                 for c, e in zip(consts, is_extra, strict=True) if e]
+        eqn.in_tracers = [*eqn.in_tracers[:num_consts], *extra, *eqn.in_tracers[num_consts:]]
+        kept = [c for c, e in zip(consts, is_extra, strict=True) if not e]
+        in_zeros = (False,) * (len(eqn.in_tracers) - num_consts)
+        assert len(in_zeros) == num_args + k
+        return (new_rule, kept, out_zeros), in_zeros
 
     def depends_on_inputs(self, tracer) -> bool:
         """Whether `tracer`'s value depends on the traced inputs (not only on constants)."""
@@ -600,7 +633,8 @@ def _as_eager(tracer):
     return tracer
 
 
-def _trace_jvp_rule(jvp: Any, in_zeros: tuple[bool, ...], primals: Sequence[Any]) -> tuple:
+def _trace_jvp_rule(jvp: Any, in_zeros: tuple[bool, ...], primals: Sequence[Any],
+                    trace_rules: int) -> tuple:
     """The user's JVP rule as jax's thunk gives it, `(jaxpr, consts, out_zeros)`, traced with
     primal inputs whose values come from `primals` on demand."""
     wrapped, out_zeros = _pe._jvp_jaxpr_zeros(jvp, in_zeros, ())
@@ -608,7 +642,7 @@ def _trace_jvp_rule(jvp: Any, in_zeros: tuple[bool, ...], primals: Sequence[Any]
     tangent_avals = [a.to_tangent_aval() for a in avals]
     closed = capture_jaxpr(lambda *args: wrapped.call_wrapped(*args), [*avals, *tangent_avals],
                            [*primals, *(None for _ in tangent_avals)], "custom_jvp rule",
-                           trace_rules=False)
+                           trace_rules=trace_rules)
     rule = closed.jaxpr, list(closed.consts), out_zeros()
     for store in jvp.stores:  # as jax leaves them: the caller reads the function's store
         if store:
@@ -619,7 +653,13 @@ def _trace_jvp_rule(jvp: Any, in_zeros: tuple[bool, ...], primals: Sequence[Any]
 def _jvp_thunk_with(thunk: Any, in_zeros: tuple[bool, ...], rule: tuple) -> Any:
     """jax's rule thunk, answering the pattern `in_zeros` with the rule traced already."""
     def jvp_jaxpr_fun(*zeros):
-        return rule if tuple(zeros) == in_zeros else thunk.call_wrapped(*zeros)
+        if tuple(zeros) == in_zeros:
+            return rule
+        if len(zeros) != len(in_zeros):  # a rule whose closed-over values became arguments
+            raise NotImplementedError("fungrad traced this custom_jvp rule for one pattern of "
+                                      "zero tangents only; symbolic_zeros rules that close "
+                                      "over vmapped values are not supported")
+        return thunk.call_wrapped(*zeros)
 
     return _lu.wrap_init(jvp_jaxpr_fun, debug_info=thunk.debug_info)
 
@@ -636,7 +676,7 @@ def user_debug_info(traced_for: str, fun: Callable, args: Sequence[Any],
 
 
 def capture_jaxpr(fun: Callable, avals: Sequence[Any], sources: Sequence[Any],
-                  name: str | DebugInfo, trace_rules: bool = True) -> ClosedJaxpr:
+                  name: str | DebugInfo, trace_rules: int = 1) -> ClosedJaxpr:
     """Traces `fun(*flat_args) -> flat_outs` to a closed jaxpr, like `trace_to_jaxpr`,
     with tracers that can compute their concrete value from `sources` (one per input:
     a value, or an outer tracer asked for its own) when the Python code needs it.
