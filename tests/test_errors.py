@@ -305,3 +305,20 @@ def test_debug_nans_raises_a_floating_point_error_as_in_jax():
             for _ in range(2):  # the op-by-op first call and the compiled second
                 with pytest.raises(FloatingPointError, match="invalid value \\(nan\\)"):
                     lib.grad(jnp.linalg.norm)(jnp.zeros(3))
+
+
+def test_a_custom_jvp_rule_closing_over_a_differentiated_value_is_refused():
+    def f(x):
+        @jax.custom_jvp
+        def h(y):
+            return jnp.sin(y) * x
+
+        @h.defjvp
+        def h_jvp(primals, tangents):
+            return h(primals[0]), jnp.cos(primals[0]) * x * tangents[0]
+
+        return h(2.0 * x)
+
+    with _raises(TypeError, "with respect to a value its rule closes over",
+                 "Pass that value as an argument"):
+        fungrad.grad(f)(0.5)

@@ -567,6 +567,12 @@ class _EagerTrace(_pe.DynamicJaxprTrace):
         source_info = source_info_util.current()
         extra = [self.to_jaxpr_tracer(c, source_info)
                  for c, e in zip(consts, is_extra, strict=True) if e]
+        if any(self.depends_on_inputs(t) for t in extra):
+            raise TypeError(
+                "fungrad cannot differentiate a custom_jvp function with respect to a value "
+                "its rule closes over: the rule only says how the function's explicit "
+                f"arguments move it (the function is {call.jaxpr.debug_info.func_src_info}). "
+                "Pass that value as an argument of the custom_jvp function.")
         eqn.in_tracers = [*eqn.in_tracers[:num_consts], *extra, *eqn.in_tracers[num_consts:]]
         kept = [c for c, e in zip(consts, is_extra, strict=True) if not e]
         in_zeros = (False,) * (len(eqn.in_tracers) - num_consts)
