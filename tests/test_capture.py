@@ -411,3 +411,19 @@ def test_a_custom_rule_may_close_over_a_value_vmapped_inside_the_function():
     for transform in ("grad", "jacfwd", "jacrev"):
         got = getattr(fungrad, transform)(_vmapped_rule_closure)(0.5)
         assert_close(got, getattr(jax, transform)(_vmapped_rule_closure)(0.5))
+
+
+def test_a_jax_without_the_eager_trace_layout_falls_back_to_plain_tracing(monkeypatch):
+    from fungrad._src import jaxutil
+
+    monkeypatch.setattr(jaxutil, "_EAGER_TRACE_SUPPORTED", False)
+
+    def loss(x):
+        return jnp.sum(jnp.tanh(x) ** 2 * G2)
+
+    for transform in ("grad", "jacrev", "hessian"):
+        got, want = _both(transform, loss, X)
+        assert_close(got, want)
+
+
+G2 = jnp.arange(3.0)

@@ -681,6 +681,14 @@ def user_debug_info(traced_for: str, fun: Callable, args: Sequence[Any],
         return DebugInfo(traced_for, getattr(fun, "__name__", type(fun).__name__), None, None)
 
 
+# What the eager trace relies on in jax's tracer (checked once, so that a jax release that
+# lays its tracers out otherwise degrades to plain tracing instead of failing).
+_EAGER_TRACE_SUPPORTED = (
+    "parent" in getattr(_pe.DynamicJaxprTracer, "__slots__", ())
+    and all(hasattr(_pe.DynamicJaxprTrace, m) for m in ("var_to_tracer", "new_arg", "_new_const"))
+    and hasattr(_pe, "TracingEqn") and hasattr(_pe, "_jvp_jaxpr_zeros"))
+
+
 def capture_jaxpr(fun: Callable, avals: Sequence[Any], sources: Sequence[Any],
                   name: str | DebugInfo, trace_rules: int = 1) -> ClosedJaxpr:
     """Traces `fun(*flat_args) -> flat_outs` to a closed jaxpr, like `trace_to_jaxpr`,
@@ -694,6 +702,9 @@ def capture_jaxpr(fun: Callable, avals: Sequence[Any], sources: Sequence[Any],
     if debug.arg_names is not None and len(debug.arg_names) != len(avals):
         debug = debug._replace(arg_names=None)
     wrapped = _lu.wrap_init(lambda *args: list(fun(*args)), debug_info=debug)
+    if not _EAGER_TRACE_SUPPORTED:  # another jax's tracer layout: a plain trace, no values
+        jaxpr, _, consts = _pe.trace_to_jaxpr_dynamic(wrapped, list(avals))
+        return ClosedJaxpr(jaxpr, consts)
     trace = _EagerTrace(debug, parent_trace=core.trace_ctx.trace)
     trace.init_values(trace_rules)
     with (core.ensure_no_leaks(trace), source_info_util.reset_name_stack(),
