@@ -140,10 +140,6 @@ def ratio(a, b):
     return None if a is None or not b else a / b
 
 
-def _get(r: dict, key: str):
-    return r.get(key)
-
-
 def print_table(results: dict) -> None:
     header = f"| {'workload':<10} | " + " | ".join(f"{label:>13}" for _, label in METRICS) + " |"
     print(header)
@@ -154,7 +150,7 @@ def print_table(results: dict) -> None:
             continue
         cells = []
         for key, _ in METRICS:
-            q = ratio(_get(r["fungrad"], key), _get(r["jax"], key))
+            q = ratio(r["fungrad"].get(key), r["jax"].get(key))
             cells.append(f"{q:>13.2f}" if q is not None else f"{'-':>13}")
         print(f"| {name:<10} | " + " | ".join(cells) + " |")
     print("(ratios fungrad / jax; below 1 means fungrad is faster or smaller)")
@@ -186,7 +182,7 @@ def main(argv=None) -> int:
     print_table(results)
     ok = [r for r in results.values() if "error" not in r]
     for key, label in METRICS:
-        qs = [q for r in ok if (q := ratio(_get(r["fungrad"], key), _get(r["jax"], key))) is not None]
+        qs = [q for r in ok if (q := ratio(r["fungrad"].get(key), r["jax"].get(key))) is not None]
         if qs:
             print(f"median {label} ratio: {float(np.median(qs)):.2f}")
     meta = {"date": datetime.date.today().isoformat(), "jax": jax.__version__,

@@ -30,7 +30,7 @@ def _trace(fun: Callable, args: Sequence[Any], diff_argnums: Sequence[int],
 
     The leaves of the differentiated arguments are traced; the other arguments reach
     `fun` as they are, as under `jax.grad`. The inputs end with the constants of the
-    trace (`captured.num_lifted` of them), never differentiated.
+    trace, never differentiated.
     """
     leaves, in_tree = tree_util.tree_flatten(tuple(args))
     dynamic = _leaf_is_diff([tree_util.tree_leaves(a) for a in args], diff_argnums)
@@ -168,7 +168,7 @@ class _LinearizeSpec:
         self.primal_types = [(tree_util.keystr(path), jax.ShapeDtypeStruct(np.shape(x),
                                                                            jaxutil.typeof(x).dtype))
                              for path, x in tree_util.tree_flatten_with_path(primals)[0]]
-        self.calls = [reused]  # compiled from the second call on
+        self.compile = reused  # compiled from the second call on
 
 
 def _linearized(spec: _LinearizeSpec, residuals: list, *tangents: Any) -> Any:
@@ -178,9 +178,9 @@ def _linearized(spec: _LinearizeSpec, residuals: list, *tangents: Any) -> Any:
     for (path, x), t in zip(spec.primal_types, flat, strict=True):
         api_util.check_tangent(x, t, f"the tangent at tangents{path}", "linearize's f_jvp")
     nz = [t for t, keep in zip(flat, spec.nonzeros[:len(flat)], strict=True) if keep]
-    run = _runner(_linear_flat, spec.closed, any(spec.calls), [*residuals, *nz], spec.nonzeros,
+    run = _runner(_linear_flat, spec.closed, spec.compile, [*residuals, *nz], spec.nonzeros,
                   len(residuals))
-    spec.calls.append(True)
+    spec.compile = True
     out_dots = run(spec.closed, spec.nonzeros, len(residuals), *residuals, *nz)
     return tree_util.tree_unflatten(spec.out_tree, out_dots[:spec.num_outs])
 
@@ -226,7 +226,7 @@ class _VjpSpec:
 
     def __init__(self, closed, num_outs, nonzeros, out_tree, in_tree, reused):
         self.closed, self.num_outs, self.nonzeros = closed, num_outs, nonzeros
-        self.calls = [reused]  # compiled from the second call on
+        self.compile = reused  # compiled from the second call on
         self.in_avals, self.out_avals = tuple(closed.in_avals), tuple(closed.out_avals)
         self.out_tree, self.in_tree = out_tree, in_tree
 
@@ -240,9 +240,9 @@ def _pullback(spec: _VjpSpec, residuals: list, ct: Any) -> tuple:
         api_util.check_tangent(jax.ShapeDtypeStruct(aval.shape, aval.dtype), c,
                                f"the cotangent{' at ' + path if path else ''}", "vjp_fun",
                                primal_what="the corresponding output of fun")
-    run = _runner(_pullback_flat, spec.closed, any(spec.calls), [*residuals, *flat_cts],
+    run = _runner(_pullback_flat, spec.closed, spec.compile, [*residuals, *flat_cts],
                   spec.nonzeros, spec.num_outs, len(residuals))
-    spec.calls.append(True)
+    spec.compile = True
     nz_cts = run(spec.closed, spec.nonzeros, spec.num_outs, len(residuals), *residuals, *flat_cts)
     zeros = [Zero(a.to_tangent_aval()) for a in spec.in_avals]
     cts_in = [instantiate(c) for c in fill(spec.nonzeros, nz_cts, zeros)]
@@ -608,10 +608,6 @@ def hvp(fun: Callable, primals: Sequence[Any], tangents: Sequence[Any]) -> tuple
 
 
 # --- helpers --------------------------------------------------------------------------
-
-
-def _hashable(argnums: int | Sequence[int]) -> int | tuple[int, ...]:
-    return argnums if isinstance(argnums, int) else tuple(argnums)
 
 
 def _partial_args(fun: Callable, args: tuple, nums: Sequence[int],

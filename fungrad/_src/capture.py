@@ -33,14 +33,13 @@ from fungrad._src.jaxutil import ClosedJaxpr, Jaxpr, Literal, Var
 class Captured:
     """`fun` as a jaxpr over flat inputs, and the trees to rebuild its outputs.
 
-    The jaxpr's inputs are the traced leaves of the arguments, then `num_lifted`
-    constants of this call (arrays and Python floats the trace used). `reused` says
-    whether the program was seen before with another call's constants: worth compiling.
+    The jaxpr's inputs are the traced leaves of the arguments, then the constants of
+    this call (arrays and Python floats the trace used). `reused` says whether the
+    program was seen before with another call's constants: worth compiling.
     """
 
     jaxpr: ClosedJaxpr
     out_tree: Any  # PyTreeDef of the outputs (of (out, aux) when has_aux)
-    num_lifted: int
     reused: bool
 
 
@@ -68,7 +67,7 @@ def capture(fun: Callable, in_tree: Any, leaves: Sequence[Any], dynamic: Sequenc
     name = getattr(fun, "__name__", None) or type(fun).__name__
     closed = jaxutil.capture_jaxpr(flat_fun, avals, dyn_leaves, debug or name)
     program, consts, reused = _canonical(closed)
-    return Captured(program, out_tree_box[-1], len(consts), reused), consts
+    return Captured(program, out_tree_box[-1], reused), consts
 
 
 # --- the program cache: canonical jaxprs by structure -----------------------------------
@@ -88,17 +87,20 @@ def clear_cache() -> None:
 def _canonical(closed: ClosedJaxpr) -> tuple[ClosedJaxpr, list[Any], bool]:
     """The shared program equal to `closed` with its constants as trailing inputs, those
     constants, and whether an earlier call traced the same program."""
+    jaxpr = closed.jaxpr
+    hoist = [(i, j) for i, eqn in enumerate(jaxpr.eqns) for j, a in enumerate(eqn.invars)
+             if type(a) is Literal and not _keeps_value(a)]
+    consts = [*closed.consts, *(jaxpr.eqns[i].invars[j].val for i, j in hoist)]
     try:
-        key, consts, hoist = _program_key(closed)
+        key = _structure(jaxpr, hoist_literals=True)
     except _Unkeyable:
-        program, consts = _hoisted(closed, _literals_to_hoist(closed.jaxpr))
-        return program, consts, False
+        return _hoisted(closed, hoist), consts, False
     with _lock:
         entry = _cache.get(key)
         if entry is not None:
             _cache.move_to_end(key)
             return entry, consts, True
-    program, _ = _hoisted(closed, hoist)
+    program = _hoisted(closed, hoist)
     with _lock:
         program = _cache.setdefault(key, program)
         while len(_cache) > _CACHE_SIZE:
@@ -106,27 +108,20 @@ def _canonical(closed: ClosedJaxpr) -> tuple[ClosedJaxpr, list[Any], bool]:
     return program, consts, False
 
 
-def _hoisted(closed: ClosedJaxpr, hoist: list[tuple[int, int]]) -> tuple[ClosedJaxpr, list[Any]]:
-    """`closed` with its constants, and the literals at `hoist` (equation, operand),
-    turned into trailing inputs; returns it with their values."""
+def _hoisted(closed: ClosedJaxpr, hoist: list[tuple[int, int]]) -> ClosedJaxpr:
+    """`closed` with its constants, then the literals at `hoist` (equation, operand), as
+    trailing inputs."""
     jaxpr = closed.jaxpr
     eqns = list(jaxpr.eqns)
-    new_vars, values = [], []
+    new_vars = []
     for i, j in hoist:
         eqn = eqns[i]
-        literal = eqn.invars[j]
-        var = Var(literal.aval)
+        var = Var(eqn.invars[j].aval)
         new_vars.append(var)
-        values.append(literal.val)
         eqns[i] = eqn.replace(invars=[*eqn.invars[:j], var, *eqn.invars[j + 1:]])
     program = jaxpr.replace(constvars=[], invars=[*jaxpr.invars, *jaxpr.constvars, *new_vars],
                             eqns=eqns)
-    return ClosedJaxpr(program, ()), [*closed.consts, *values]
-
-
-def _literals_to_hoist(jaxpr: Jaxpr) -> list[tuple[int, int]]:
-    return [(i, j) for i, eqn in enumerate(jaxpr.eqns) for j, a in enumerate(eqn.invars)
-            if type(a) is Literal and not _keeps_value(a)]
+    return ClosedJaxpr(program, ())
 
 
 def _keeps_value(literal: Literal) -> bool:
@@ -141,32 +136,28 @@ class _Unkeyable(Exception):
     """A parameter with no structural key (a per-call Python callable jax holds)."""
 
 
-def _program_key(closed: ClosedJaxpr) -> tuple[Any, list[Any], list[tuple[int, int]]]:
-    """The structural key of `closed`, the values of the inputs its canonical program
-    adds (constants, then hoisted literals), and where those literals are."""
-    jaxpr = closed.jaxpr
-    names: dict[Var, int] = {v: i for i, v in enumerate([*jaxpr.invars, *jaxpr.constvars])}
-    values, hoist = list(closed.consts), []
+def _structure(jaxpr: Jaxpr, hoist_literals: bool) -> Any:
+    """The structural key of `jaxpr`: its types, equations (primitive, operands by
+    position, params, output types, context) and outputs. With `hoist_literals`, the
+    literals that `_canonical` makes inputs count by type only."""
+    names: dict[Var, int] = {v: i for i, v in enumerate([*jaxpr.constvars, *jaxpr.invars])}
+
+    def atom(a: Any) -> Any:
+        if type(a) is not Literal:
+            return names[a]
+        if hoist_literals and not _keeps_value(a):
+            return ("input", a.aval)
+        return ("literal", a.aval, np.asarray(a.val).tobytes())
+
     eqn_keys = []
-    for i, eqn in enumerate(jaxpr.eqns):
-        ins: list[Any] = []
-        for j, a in enumerate(eqn.invars):
-            if type(a) is not Literal:
-                ins.append(names[a])
-            elif _keeps_value(a):
-                ins.append(_literal_key(a))
-            else:
-                ins.append(("input", a.aval))
-                values.append(a.val)
-                hoist.append((i, j))
+    for eqn in jaxpr.eqns:
+        ins = tuple(map(atom, eqn.invars))
         for v in eqn.outvars:
             names[v] = len(names)
-        eqn_keys.append((eqn.primitive, tuple(ins), _eqn_params_key(eqn),
+        eqn_keys.append((eqn.primitive, ins, _eqn_params_key(eqn),
                          tuple(v.aval for v in eqn.outvars), eqn.ctx))
-    outs = tuple(_literal_key(a) if type(a) is Literal else names[a] for a in jaxpr.outvars)
-    key = (tuple(v.aval for v in jaxpr.invars), tuple(v.aval for v in jaxpr.constvars),
-           tuple(eqn_keys), outs)
-    return key, values, hoist
+    return (tuple(v.aval for v in jaxpr.constvars), tuple(v.aval for v in jaxpr.invars),
+            tuple(eqn_keys), tuple(map(atom, jaxpr.outvars)))
 
 
 # Keys of nested jaxprs by identity (jax reuses the jaxpr of a jitted function across
@@ -180,17 +171,7 @@ def _jaxpr_key(jaxpr: Jaxpr) -> Any:
         hit = _sub_keys.get(id(jaxpr))
     if hit is not None and hit[0] is jaxpr:
         return hit[1]
-    names: dict[Var, int] = {v: i for i, v in enumerate([*jaxpr.constvars, *jaxpr.invars])}
-    eqn_keys = []
-    for eqn in jaxpr.eqns:
-        ins = tuple(_literal_key(a) if type(a) is Literal else names[a] for a in eqn.invars)
-        for v in eqn.outvars:
-            names[v] = len(names)
-        eqn_keys.append((eqn.primitive, ins, _eqn_params_key(eqn),
-                         tuple(v.aval for v in eqn.outvars), eqn.ctx))
-    outs = tuple(_literal_key(a) if type(a) is Literal else names[a] for a in jaxpr.outvars)
-    key = (tuple(v.aval for v in jaxpr.constvars), tuple(v.aval for v in jaxpr.invars),
-           tuple(eqn_keys), outs)
+    key = _structure(jaxpr, hoist_literals=False)
     with _lock:
         _sub_keys[id(jaxpr)] = (jaxpr, key)
         while len(_sub_keys) > _SUB_KEYS_SIZE:
@@ -271,7 +252,3 @@ class _Identity:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _Identity) and other.value is self.value
-
-
-def _literal_key(literal: Literal) -> Any:
-    return ("literal", literal.aval, np.asarray(literal.val).tobytes())
