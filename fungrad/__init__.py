@@ -11,11 +11,13 @@ from fungrad._src.api import (
     value_and_grad,
     vjp,
 )
+from fungrad._src.caching import clear_caches
 from fungrad._src.custom_derivatives import custom_jvp, custom_vjp
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "clear_caches",
     "custom_jvp",
     "custom_vjp",
     "grad",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -11,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax, tree_util
 
-from fungrad._src import api_util, jaxutil
+from fungrad._src import api_util, caching, jaxutil
 from fungrad._src import primitives as _primitives  # noqa: F401  (registers the rules)
 from fungrad._src.capture import Captured, capture
 from fungrad._src.jaxutil import ClosedJaxpr
@@ -317,14 +319,15 @@ def grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
     def grad_f(*args, **kwargs):
         nums = api_util.argnums_tuple(argnums, len(args), fname)
         _, grads, aux = _value_and_grad(fun, args, kwargs, nums, has_aux, holomorphic,
-                                        allow_int, fname)
+                                        allow_int, fname, with_value=False)
         grads = grads if isinstance(argnums, (tuple, list)) else grads[0]
         return (grads, aux) if has_aux else grads
 
     return grad_f
 
 
-def _value_and_grad(fun, args, kwargs, nums, has_aux, holomorphic, allow_int, fname):
+def _value_and_grad(fun, args, kwargs, nums, has_aux, holomorphic, allow_int, fname,
+                    with_value=True):
     diff_args = tuple(args[i] for i in nums)
     api_util.check_diff_args(args, nums, fname)
     for x in tree_util.tree_leaves(diff_args):
@@ -341,8 +344,12 @@ def _value_and_grad(fun, args, kwargs, nums, has_aux, holomorphic, allow_int, fn
     api_util.check_scalar_output(jax.ShapeDtypeStruct(out_aval.shape, out_aval.dtype),
                                  holomorphic=holomorphic, fname=fname)
     nonzeros = tuple(d and has_tangent_space(jaxutil.typeof(x)) for x, d in zip(inputs, diff, strict=True))
-    run = _runner(_value_and_grad_flat, captured.jaxpr, captured.reused, inputs, nonzeros, n_out)
-    outs, nz_grads = run(captured.jaxpr, nonzeros, n_out, *inputs)
+    # Without the value, a compiled program has one output less to keep: XLA compiles a
+    # gradient of many leaves several times faster without its value.
+    run = _runner(_value_and_grad_flat, captured.jaxpr, captured.reused, inputs, nonzeros, n_out,
+                  with_value)
+    outs, nz_grads = run(captured.jaxpr, nonzeros, n_out, with_value, *inputs)
+    outs = outs if with_value else [None, *outs]
     nz_grads = iter(nz_grads)
     grads_flat = [next(nz_grads) if nz else instantiate(Zero.like(x))
                   for x, nz, d in zip(inputs, nonzeros, diff, strict=True) if d]
@@ -356,26 +363,34 @@ def _value_and_grad(fun, args, kwargs, nums, has_aux, holomorphic, allow_int, fn
 
 
 def _value_and_grad_flat(closed: ClosedJaxpr, nonzeros: tuple[bool, ...], n_out: int,
-                         *inputs: Any) -> tuple[list[Any], list[Any]]:
-    """The outputs of `closed` and the gradient of its first with respect to the nonzeros."""
+                         with_value: bool, *inputs: Any) -> tuple[list[Any], list[Any]]:
+    """The outputs of `closed` (without the first unless `with_value`) and the gradient of
+    the first with respect to the nonzeros."""
     outs, program, residuals = _linearize_flat(closed, inputs, nonzeros)
     ct = lax.full_like(outs[0], 1)  # keeps the output's weak type, so the gradient does too
     cts = [ct, *(Zero(a.to_tangent_aval()) for a in closed.out_avals[n_out:])]
     nz_avals = [jaxutil.typeof(x) for x, nz in zip(inputs, nonzeros, strict=True) if nz]
-    return outs, [instantiate(g) for g in _transpose_apply(program, residuals, cts, nz_avals)]
+    grads = [instantiate(g) for g in _transpose_apply(program, residuals, cts, nz_avals)]
+    return (outs if with_value else outs[1:]), grads
 
 
-# --- the compiled path of calls outside any trace ---------------------------------------
+# --- eager dispatch: op by op, or compiled once compiling pays --------------------------
 
 
 def _runner(flat: Callable, closed: ClosedJaxpr, reused: bool, values: Sequence[Any],
             *static: Any) -> Callable:
-    """`flat` for a call with these values: compiled when the call comes from eager code
-    and the program has been seen before, else run op by op, as jax's eager AD runs (a
-    program traced once, such as a loop's path that depends on values, is not compiled)."""
-    if reused and _all_concrete(values):
-        return _compiled(flat, closed, *static)
-    return flat
+    """`flat` for a call with these values: from eager code, a program seen before runs
+    compiled once that pays (see `_Dispatch`); a program traced for this call alone (such
+    as a loop's path that depends on values) runs op by op, as jax's eager AD runs. Inside
+    a trace (jax.jit, vmap, another transform) `flat` is inlined, so the output stays
+    plain lax."""
+    if not reused or not _all_concrete(values):
+        return flat
+    key = (flat, caching.Identity(closed), static)
+    dispatch = _dispatches.get(key)
+    if dispatch is None:
+        dispatch = _dispatches.put(key, _Dispatch(flat, closed, static))
+    return dispatch
 
 
 def _all_concrete(values: Sequence[Any]) -> bool:
@@ -383,32 +398,92 @@ def _all_concrete(values: Sequence[Any]) -> bool:
     return not any(map(jaxutil.is_tracer, values))
 
 
-@jaxutil.weak_cache
-def _compiled(flat: Callable, closed: ClosedJaxpr, *static: Any) -> Callable:
-    """`flat(closed, *static, *inputs)` compiled once per captured program and `static`.
+_EXECUTABLE_BYTES = 1 << 20  # a compiled program's size in memory, roughly
 
-    Eager calls of fungrad's transforms run one cached executable instead of dispatching
-    every primitive of the derivative one by one; inside a trace (jax.jit, vmap, another
-    transform) the flat function is inlined instead, so the output stays plain lax.
+
+class _Dispatch:
+    """How one derived program runs from eager code: op by op (no compile) until the time
+    spent so exceeds what compiling it would cost, then compiled.
+
+    As renting skis until the rent paid equals the price: the total time is never more
+    than about twice that of the better choice made in hindsight, so a first call costs
+    what jax's eager call costs, a program called once is never compiled, and a program
+    called often runs compiled. The compile cost is predicted from the program's size,
+    at a rate measured on this machine's earlier compiles.
     """
-    compiled = jax.jit(functools.partial(flat, closed, *static))
-    num_static = 1 + len(static)
-    eager_only: list[bool] = []  # set once a primitive of the program could not be compiled
 
-    def run(*args):  # same signature as `flat`
-        if eager_only:
-            return flat(*args)
+    def __init__(self, flat: Callable, closed: ClosedJaxpr, static: tuple):
+        self.flat, self.closed, self.static = flat, closed, static
+        self.size = jaxutil.count_eqns(closed.jaxpr)
+        self.spent = 0.0  # seconds run op by op
+        self.compiled: Callable | None = None
+        self.eager_only = False  # a primitive of the program cannot be compiled
+        self.compiling = threading.Lock()
+
+    def __call__(self, *args: Any) -> Any:
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args[1 + len(self.static):])
+            except (NotImplementedError, ValueError) as err:
+                # Whether a program lowers can depend on the context (`check` lowers
+                # inside `checkify`), so an earlier success does not rule this out.
+                if not jaxutil.is_missing_lowering(err):
+                    raise
+                self.compiled, self.eager_only = None, True
+        elif (not self.eager_only and self.spent >= _compile_cost.predict(self.size)
+              and self.compiling.acquire(blocking=False)):
+            try:
+                return self._compile(args)
+            finally:
+                self.compiling.release()
+        start = time.perf_counter()
         try:
-            return compiled(*args[num_static:])
+            return self.flat(*args)
+        finally:
+            self.spent += time.perf_counter() - start
+
+    def _compile(self, args: tuple) -> Any:
+        compiled = jax.jit(functools.partial(self.flat, self.closed, *self.static))
+        start = time.perf_counter()
+        try:
+            outs = compiled(*args[1 + len(self.static):])
         except (NotImplementedError, ValueError) as err:
-            # Whether a program lowers can depend on the context (`check` lowers inside
-            # `checkify`), so an earlier success does not rule this out.
             if not jaxutil.is_missing_lowering(err):
                 raise
-        eager_only.append(True)  # a primitive with an impl only: run it eagerly, as jax does
-        return flat(*args)
+            self.eager_only = True  # a primitive with an impl only: run it eagerly, as jax does
+            return self.flat(*args)
+        _compile_cost.observe(self.size, time.perf_counter() - start)
+        self.compiled = compiled
+        return outs
 
-    return run
+
+class _CompileCost:
+    """Seconds that compiling a derived program takes, as a line `base + rate * size` in
+    the size of the captured program, fitted by least squares to this process's compiles
+    (recent ones weigh more) starting from a prior of two typical compiles."""
+
+    _PRIOR = ((10, 0.05), (1000, 0.5))  # (equations, seconds) on a CPU
+    _DECAY = 0.9
+
+    def __init__(self):
+        self._sums = [0.0] * 5  # weight, x, y, x*x, x*y
+        for size, seconds in self._PRIOR:
+            self.observe(size, seconds)
+
+    def predict(self, size: int) -> float:
+        w, x, y, xx, xy = self._sums
+        rate = max((w * xy - x * y) / max(w * xx - x * x, 1e-12), 0.0)
+        base = max((y - rate * x) / w, 0.0)
+        return base + rate * size
+
+    def observe(self, size: int, seconds: float) -> None:
+        self._sums = [self._DECAY * s + d for s, d in zip(
+            self._sums, (1.0, size, seconds, size * size, size * seconds), strict=True)]
+
+
+_compile_cost = _CompileCost()
+_dispatches = caching.LRU("fungrad.compiled", max_entries=256, max_bytes=512 << 20,
+                          size=lambda d: _EXECUTABLE_BYTES + caching.approx_bytes(d.closed))
 
 
 def _eager_transform(impl: Callable, config: tuple, fun: Callable, args: tuple,

@@ -15,7 +15,6 @@ result computed from state other than the current one.
 
 from __future__ import annotations
 
-import collections
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import jax
 import numpy as np
 from jax import tree_util
 
-from fungrad._src import jaxutil
+from fungrad._src import caching, jaxutil
 from fungrad._src.jaxutil import ClosedJaxpr, Jaxpr, Literal, Var
 
 
@@ -72,16 +71,9 @@ def capture(fun: Callable, in_tree: Any, leaves: Sequence[Any], dynamic: Sequenc
 
 # --- the program cache: canonical jaxprs by structure -----------------------------------
 
-_CACHE_SIZE = 512
-_cache: collections.OrderedDict = collections.OrderedDict()
-_lock = threading.Lock()
-
-
-def clear_cache() -> None:
-    """Drops every canonical program (and so what fungrad derived and compiled from them)."""
-    with _lock:
-        _cache.clear()
-        _sub_keys.clear()
+# Canonical programs by structural key. What fungrad derives from a program (its forward
+# mode, linearization, transposes) is cached weakly on it, so evicting it frees those too.
+_programs = caching.LRU("fungrad.programs", max_entries=512, max_bytes=256 << 20)
 
 
 def _canonical(closed: ClosedJaxpr) -> tuple[ClosedJaxpr, list[Any], bool]:
@@ -95,17 +87,10 @@ def _canonical(closed: ClosedJaxpr) -> tuple[ClosedJaxpr, list[Any], bool]:
         key = _structure(jaxpr, hoist_literals=True)
     except _Unkeyable:
         return _hoisted(closed, hoist), consts, False
-    with _lock:
-        entry = _cache.get(key)
-        if entry is not None:
-            _cache.move_to_end(key)
-            return entry, consts, True
-    program = _hoisted(closed, hoist)
-    with _lock:
-        program = _cache.setdefault(key, program)
-        while len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
-    return program, consts, False
+    entry = _programs.get(key)
+    if entry is not None:
+        return entry, consts, True
+    return _programs.put(key, _hoisted(closed, hoist)), consts, False
 
 
 def _hoisted(closed: ClosedJaxpr, hoist: list[tuple[int, int]]) -> ClosedJaxpr:
@@ -161,21 +146,16 @@ def _structure(jaxpr: Jaxpr, hoist_literals: bool) -> Any:
 
 
 # Keys of nested jaxprs by identity (jax reuses the jaxpr of a jitted function across
-# traces); each entry holds its jaxpr, so the id stays that object's.
-_SUB_KEYS_SIZE = 4096
-_sub_keys: collections.OrderedDict = collections.OrderedDict()
+# traces).
+_sub_keys = caching.LRU("fungrad.nested_keys", max_entries=4096, max_bytes=64 << 20,
+                        size=lambda key: 2 * caching.EQUATION_BYTES * (len(key[2]) + 1))
 
 
 def _jaxpr_key(jaxpr: Jaxpr) -> Any:
-    with _lock:
-        hit = _sub_keys.get(id(jaxpr))
-    if hit is not None and hit[0] is jaxpr:
-        return hit[1]
-    key = _structure(jaxpr, hoist_literals=False)
-    with _lock:
-        _sub_keys[id(jaxpr)] = (jaxpr, key)
-        while len(_sub_keys) > _SUB_KEYS_SIZE:
-            _sub_keys.popitem(last=False)
+    identity = caching.Identity(jaxpr)
+    key = _sub_keys.get(identity)
+    if key is None:
+        key = _sub_keys.put(identity, _structure(jaxpr, hoist_literals=False))
     return key
 
 
@@ -236,19 +216,7 @@ def _value_key(value: Any) -> Any:
 def _const_key(value: Any) -> Any:
     if not jaxutil.is_tracer(value) and np.size(value) <= _SMALL:
         return ("value", jaxutil.typeof(value), np.asarray(value).tobytes())
-    return _Identity(value)
+    return caching.Identity(value)
 
 
-class _Identity:
-    """A key part equal only to itself: holding the object keeps its id unique."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: Any):
-        self.value = value
-
-    def __hash__(self) -> int:
-        return id(self.value)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Identity) and other.value is self.value
+clear_cache = caching.clear_caches  # TEMPORARY alias, removed at integration

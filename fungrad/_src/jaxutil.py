@@ -12,12 +12,12 @@ import jax
 import numpy as np
 from jax._src import ad_util, core, source_info_util, traceback_util
 from jax._src import api_util as _api_util
+from jax._src import config as _config
 from jax._src import dtypes as _dtypes
 from jax._src import linear_util as _lu
 from jax._src.interpreters import batching, mlir
 from jax._src.interpreters import partial_eval as _pe
 from jax._src.sharding_impls import UNSPECIFIED
-from jax._src.util import weakref_lru_cache as _weakref_lru_cache
 from jax.extend.core import (
     ClosedJaxpr,
     DebugInfo,
@@ -29,6 +29,8 @@ from jax.extend.core import (
     new_jaxpr_eqn,
 )
 from jax.extend.core import primitives as prims
+
+from fungrad._src import caching
 
 __all__ = [
     "ClosedJaxpr",
@@ -200,8 +202,10 @@ def consts_as_invars(closed: ClosedJaxpr) -> tuple[Jaxpr, list[Any]]:
             list(closed.consts))
 
 
-weak_cache = _weakref_lru_cache
-"""An LRU cache whose first argument (a jaxpr) is held weakly."""
+def weak_cache(fun: Callable) -> Callable:
+    """A bounded cache of `fun(jaxpr, *args)` holding the jaxpr weakly; jax's configuration
+    (x64, the axis environment...) is part of the key, as it is of what a trace gives."""
+    return caching.weak_cache(fun, context=_config.trace_context)
 
 
 # --- custom_jvp / custom_vjp: how jax stores the user's rules in an equation ----------
@@ -263,6 +267,20 @@ def has_debug_effect(eqn: JaxprEqn) -> bool:
     from jax._src import debugging
 
     return any(e in (debugging.debug_effect, debugging.ordered_debug_effect) for e in eqn.effects)
+
+
+def count_eqns(jaxpr: Jaxpr) -> int:
+    """The equations of `jaxpr` and of the jaxprs nested in it (each once)."""
+    seen: set[int] = set()
+    todo, total = [jaxpr], 0
+    while todo:
+        j = todo.pop()
+        if id(j) in seen:
+            continue
+        seen.add(id(j))
+        total += len(j.eqns)
+        todo.extend(core.subjaxprs(j))
+    return total
 
 
 def is_missing_lowering(err: Exception) -> bool:

@@ -183,8 +183,8 @@ def test_checkify_check_under_derivatives(sign):
 
 def test_check_outside_checkify_eagerly_as_jax():
     # jax.grad runs the check eagerly (it raises only for a failing input); so should
-    # fungrad.grad. Fails today: fungrad's compiled eager path cannot lower `check`
-    # (see the report: api._compiled falls back only on a missing lowering).
+    # fungrad.grad, whose compiled eager path falls back to op by op where `check`
+    # does not lower.
     x = _x((3,))
     assert_close(fungrad.grad(_checked)(x), jax.grad(_checked)(x))
     with pytest.raises(checkify.JaxRuntimeError, match="must be positive"):
