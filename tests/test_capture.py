@@ -411,7 +411,7 @@ def _vmapped_rule_closure(x):
 
 
 def test_a_custom_rule_may_close_over_a_value_vmapped_inside_the_function():
-    for transform in ("grad", "jacfwd", "jacrev"):
+    for transform in ("grad", "jacfwd", "jacrev", "hessian"):  # second order: the rule's own call
         got = getattr(fungrad, transform)(_vmapped_rule_closure)(0.5)
         assert_close(got, getattr(jax, transform)(_vmapped_rule_closure)(0.5))
 

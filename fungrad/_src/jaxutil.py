@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -89,12 +91,28 @@ def weak_like(x: Any, example: Any) -> Any:
 def bind_eqn(eqn: JaxprEqn, invals: Sequence[Any]) -> list[Any]:
     """Runs one equation on values (concrete or traced); always returns a list."""
     params = eqn.primitive.get_bind_params(eqn.params)
-    with source_info_util.user_context(eqn.source_info.traceback), eqn.ctx.manager:
+    with (source_info_util.user_context(eqn.source_info.traceback), eqn.ctx.manager,
+          _rebinding()):
         try:
             out = eqn.primitive.bind(*invals, **params)
         except _api_util.InternalFloatingPointError as err:  # jax_debug_nans / debug_infs
             _raise_floating_point_error(eqn, invals, err)
     return list(out) if eqn.primitive.multiple_results else [out]
+
+
+_rebinding_state = threading.local()
+
+
+@contextlib.contextmanager
+def _rebinding():
+    """Marks equations that fungrad re-binds from a program it holds (not the user's own
+    calls): their custom_jvp rules were traced when that program was captured."""
+    depth = getattr(_rebinding_state, "depth", 0)
+    _rebinding_state.depth = depth + 1
+    try:
+        yield
+    finally:
+        _rebinding_state.depth = depth
 
 
 def _raise_floating_point_error(eqn: JaxprEqn, invals: Sequence[Any], err: Any):
@@ -527,7 +545,8 @@ class _EagerTrace(_pe.DynamicJaxprTrace):
 
     def init_values(self, trace_rules: int):
         # How deep custom_jvp rules are traced while the capture is live: the function's
-        # own calls (1), not the calls inside a rule, which may be its own function.
+        # own calls (1) and the calls inside their rules (2, for second order), not deeper:
+        # a rule may call its own function.
         self._trace_rules = trace_rules
         self._sources: dict[Any, Any] = {}  # input var -> a value, or a tracer to ask
         self._values: dict[Any, Any] = {}
@@ -546,7 +565,8 @@ class _EagerTrace(_pe.DynamicJaxprTrace):
         outs = super().process_custom_jvp_call(prim, fun, jvp, tracers,
                                                symbolic_zeros=symbolic_zeros)
         eqn = getattr(outs[0], "parent", None) if outs else None
-        if self._trace_rules <= 0 or symbolic_zeros or eqn is None or eqn.primitive is not prim:
+        if (self._trace_rules <= 0 or symbolic_zeros or eqn is None or eqn.primitive is not prim
+                or getattr(_rebinding_state, "depth", 0)):
             return outs
         # Trace the user's rule now, while this trace is live, with primals that can give
         # their values: a rule may branch on them, as under jax.grad. The rule's jaxpr for
@@ -683,9 +703,30 @@ def _jvp_thunk_with(thunk: Any, in_zeros: tuple[bool, ...], rule: tuple) -> Any:
             raise NotImplementedError("fungrad traced this custom_jvp rule for one pattern of "
                                       "zero tangents only; symbolic_zeros rules that close "
                                       "over vmapped values are not supported")
-        return thunk.call_wrapped(*zeros)
+        # Not the user's rule again: it may close over values of a trace that has ended.
+        return _rule_with_zeros(rule, zeros)
 
     return _lu.wrap_init(jvp_jaxpr_fun, debug_info=thunk.debug_info)
+
+
+def _rule_with_zeros(rule: tuple, zeros: Sequence[bool]) -> tuple:
+    """A rule traced with every tangent given, `(jaxpr, consts, out_zeros)`, as the rule
+    for the tangents where `zeros` is set being zero: those are fed as zero arrays, which
+    is what jax gives a rule without `symbolic_zeros` anyway."""
+    jaxpr, consts, out_zeros = rule
+    n = len(zeros)
+    primal_avals = [v.aval for v in jaxpr.invars[:n]]
+    tangent_avals = [v.aval for v in jaxpr.invars[n:]]
+
+    def fun(*args):
+        nz_tangents = iter(args[n:])
+        tangents = [zeros_like_aval(a) if z else next(nz_tangents)
+                    for a, z in zip(tangent_avals, zeros, strict=True)]
+        return eval_jaxpr(jaxpr, consts, *args[:n], *tangents)
+
+    closed = trace_to_jaxpr(fun, [*primal_avals, *(a for a, z in zip(tangent_avals, zeros,
+                                                                      strict=True) if not z)])
+    return closed.jaxpr, list(closed.consts), out_zeros
 
 
 def user_debug_info(traced_for: str, fun: Callable, args: Sequence[Any],
@@ -708,7 +749,7 @@ _EAGER_TRACE_SUPPORTED = (
 
 
 def capture_jaxpr(fun: Callable, avals: Sequence[Any], sources: Sequence[Any],
-                  name: str | DebugInfo, trace_rules: int = 1) -> ClosedJaxpr:
+                  name: str | DebugInfo, trace_rules: int = 2) -> ClosedJaxpr:
     """Traces `fun(*flat_args) -> flat_outs` to a closed jaxpr, like `trace_to_jaxpr`,
     with tracers that can compute their concrete value from `sources` (one per input:
     a value, or an outer tracer asked for its own) when the Python code needs it.
