@@ -197,13 +197,22 @@ _rules_being_keyed = threading.local()
 _SMALL = 64  # constants of nested jaxprs up to this many elements are keyed by value
 
 
+# Parameter types that are their own key (the common case, checked first).
+_PLAIN = frozenset({str, int, bool, float, type(None), np.dtype})
+
+
 def _value_key(value: Any) -> Any:
+    kind = type(value)
+    if kind in _PLAIN:
+        return value
+    if kind is tuple or kind is list:
+        if all(type(v) in _PLAIN for v in value):
+            return (kind, tuple(value))
+        return (kind, tuple(map(_value_key, value)))
     if isinstance(value, ClosedJaxpr):
         return ("closed", _jaxpr_key(value.jaxpr), tuple(map(_const_key, value.consts)))
     if isinstance(value, Jaxpr):
         return ("jaxpr", _jaxpr_key(value))
-    if type(value) in (tuple, list):
-        return (type(value), tuple(map(_value_key, value)))
     if isinstance(value, (np.ndarray, jax.Array)):
         return _const_key(value)
     try:
