@@ -241,16 +241,34 @@ def custom_vjp_fwd(fwd_jaxpr_thunk: Any, out_trees: Callable,
     Also returns the number of residuals in all and, per residual, the index of the
     input it simply forwards (those are not among the jaxpr's outputs), or None.
     """
-    fwd, consts = fwd_jaxpr_thunk.call_wrapped(*in_nonzeros)
+    with _closed_over_trace_values(fwd_jaxpr_thunk, "fwd"):
+        fwd, consts = fwd_jaxpr_thunk.call_wrapped(*in_nonzeros)
     _, res_tree, input_fwds = out_trees()
     return fwd, list(consts), res_tree.num_leaves, list(input_fwds)
 
 
 def call_custom_bwd(bwd: Any, res: Sequence[Any], cts: Sequence[Any]) -> list[Any]:
     """Runs the user's bwd; cotangents that it reports as zero come back as None."""
-    cts_in = bwd.call_wrapped(*res, *cts)
+    with _closed_over_trace_values(bwd, "bwd"):
+        cts_in = bwd.call_wrapped(*res, *cts)
     return [None if x is None or isinstance(x, (ad_util.Zero, ad_util.SymbolicZero)) else x
             for x in cts_in]
+
+
+@contextlib.contextmanager
+def _closed_over_trace_values(rule: Any, what: str):
+    """fungrad runs a custom_vjp's fwd and bwd after capturing the function: one that
+    closes over a value of a trace inside it (a jax.vmap) finds that trace ended."""
+    try:
+        yield
+    except jax.errors.UnexpectedTracerError as err:
+        info = getattr(rule, "debug_info", None)
+        where = f" ({info.func_src_info})" if getattr(info, "func_src_info", None) else ""
+        raise NotImplementedError(
+            f"fungrad cannot differentiate this custom_vjp function: its {what}{where} closes "
+            "over a value computed by a transform inside the differentiated function (most "
+            "likely a jax.vmap), which has ended when fungrad runs the rule. Pass that value "
+            "as an argument of the custom_vjp function instead.") from err
 
 
 def symbolic_zero_for_user(aval: Any) -> Any:
