@@ -262,8 +262,8 @@ def _closed_over_trace_values(rule: Any, what: str):
     try:
         yield
     except jax.errors.UnexpectedTracerError as err:
-        info = getattr(rule, "debug_info", None)
-        where = f" ({info.func_src_info})" if getattr(info, "func_src_info", None) else ""
+        src = getattr(getattr(rule, "debug_info", None), "func_src_info", None)
+        where = f" ({src})" if src else ""
         raise NotImplementedError(
             f"fungrad cannot differentiate this custom_vjp function: its {what}{where} closes "
             "over a value computed by a transform inside the differentiated function (most "
