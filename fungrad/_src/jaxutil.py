@@ -601,6 +601,106 @@ class _EagerTrace(_pe.DynamicJaxprTrace):
         eqn.params = params
         return outs
 
+    def process_custom_vjp_call(self, prim, fun, fwd, bwd, tracers, /, *, out_trees,
+                                symbolic_zeros):
+        outs = super().process_custom_vjp_call(prim, fun, fwd, bwd, tracers,
+                                               out_trees=out_trees, symbolic_zeros=symbolic_zeros)
+        eqn = getattr(outs[0], "parent", None) if outs else None
+        if (self._trace_rules <= 0 or symbolic_zeros or eqn is None or eqn.primitive is not prim
+                or getattr(_rebinding_state, "depth", 0) or not eqn.params["num_consts"]):
+            return outs
+        # The function closes over values of this trace: its fwd and bwd may too (a value
+        # vmapped inside the differentiated function). Trace them now, while those values
+        # live, and pass the ones they read as arguments of the call.
+        params = dict(eqn.params)
+        try:
+            fwd_rule, trees, bwd_rule = self._trace_vjp_rules(eqn, params, fwd)
+        except Exception:  # e.g. a bwd that branches on values: it stays lazy, as before
+            return outs
+        finally:
+            for store in fwd.stores:  # as jax leaves them: the caller reads the function's
+                if store:
+                    store.reset()
+        consts = [*fwd_rule[1], *bwd_rule[1]]
+        extra = list({id(c): c for c in consts if isinstance(c, _pe.DynamicJaxprTracer)}.values())
+        self._pass_vjp_closed_over(eqn, params, fwd_rule, trees, bwd_rule, extra)
+        eqn.params = params
+        return outs
+
+    def _trace_vjp_rules(self, eqn, params: dict, fwd: Any) -> tuple[tuple, tuple, tuple]:
+        """The fwd as a jaxpr `args -> (new residuals, outs)` and its consts, as jax's thunk
+        gives them (one for every zero pattern: without symbolic zeros the user's fwd does
+        not see it), the output, residual and forwarding trees, and the bwd as a jaxpr
+        `(residuals, output cotangents) -> input cotangents` (zeros instantiated). Both
+        are traced as the function is: with values on demand, their own custom calls live."""
+        num_consts = params["num_consts"]
+        args = eqn.in_tracers[num_consts:]
+        closed_fwd = capture_jaxpr(
+            lambda *xs: fwd.call_wrapped(*(v for x in xs for v in (x, True))),
+            [t.aval for t in args], list(args), "custom_vjp fwd",
+            trace_rules=self._trace_rules - 1)
+        fwd_jaxpr, fwd_consts = closed_fwd.jaxpr, closed_fwd.consts
+        trees = params["out_trees"]()
+        input_fwds = trees[2]
+        new_res = iter(v.aval for v in fwd_jaxpr.outvars)
+        res_avals = [next(new_res) if f is None else eqn.in_tracers[f].aval for f in input_fwds]
+        ct_avals = [a.to_tangent_aval() for a in new_res]
+        arg_avals = [t.aval.to_tangent_aval() for t in args]
+        bwd = params["bwd"]
+
+        def instantiated_bwd(*res_and_cts):
+            cts = bwd.call_wrapped(*res_and_cts)
+            return [zeros_like_aval(a) if ct is None or isinstance(
+                        ct, (ad_util.Zero, ad_util.SymbolicZero)) else ct
+                    for ct, a in zip(cts, arg_avals, strict=True)]
+
+        closed = capture_jaxpr(instantiated_bwd, [*res_avals, *ct_avals],
+                               [None] * (len(res_avals) + len(ct_avals)), "custom_vjp bwd",
+                               trace_rules=self._trace_rules - 1)
+        return (fwd_jaxpr, list(fwd_consts)), trees, (closed.jaxpr, list(closed.consts))
+
+    def _pass_vjp_closed_over(self, eqn, params: dict, fwd_rule: tuple, trees: tuple,
+                              bwd_rule: tuple, extra: list) -> None:
+        """The call's fwd and bwd replaced by the jaxprs traced, with closure conversion:
+        the values of this trace they read (`extra`) become leading arguments (after the
+        constants), forwarded as residuals, so that the rules run after the trace has
+        ended. Their cotangents are None."""
+        num_consts, k = params["num_consts"], len(extra)
+        source_info = source_info_util.current()
+        extra_tracers = [self.to_jaxpr_tracer(c, source_info) for c in extra]
+        if any(self.depends_on_inputs(t) for t in extra_tracers):
+            raise TypeError(
+                "fungrad cannot differentiate a custom_vjp function with respect to a value "
+                "its fwd or bwd closes over: the rules only say how the function's explicit "
+                "arguments move it. Pass that value as an argument of the custom_vjp function.")
+        new_fwd, new_fwd_consts = _consts_as_leading_inputs(fwd_rule[0], fwd_rule[1], extra)
+        new_bwd, new_bwd_consts = _consts_as_leading_inputs(bwd_rule[0], bwd_rule[1], extra)
+
+        def fwd_thunk(*nonzeros):
+            return new_fwd, new_fwd_consts
+
+        def bwd_fun(*res_and_cts):
+            cts = eval_jaxpr(new_bwd, new_bwd_consts, *res_and_cts)
+            return [None] * k + list(cts)
+
+        def new_out_trees():
+            out_tree, res_tree, input_fwds = trees
+            shifted = [f if f is None or f < num_consts else f + k for f in input_fwds]
+            res_tree = jax.tree_util.tree_structure([0] * (k + res_tree.num_leaves))
+            return out_tree, res_tree, [*range(num_consts, num_consts + k), *shifted]
+
+        call = params["call_jaxpr"]
+        invars = list(call.jaxpr.invars)
+        params["call_jaxpr"] = ClosedJaxpr(call.jaxpr.replace(invars=[
+            *invars[:num_consts], *(Var(x.aval) for x in extra), *invars[num_consts:]]),
+            call.consts)
+        params["fwd_jaxpr_thunk"] = _lu.wrap_init(
+            fwd_thunk, debug_info=params["fwd_jaxpr_thunk"].debug_info)
+        params["bwd"] = _lu.wrap_init(bwd_fun, debug_info=params["bwd"].debug_info)
+        params["out_trees"] = new_out_trees
+        eqn.in_tracers = [*eqn.in_tracers[:num_consts], *extra_tracers,
+                          *eqn.in_tracers[num_consts:]]
+
     def _pass_closed_over(self, eqn, params: dict, rule: tuple, closed_over: list) -> tuple:
         """Closure conversion: values of this trace that the rule closed over become leading
         arguments of the call (the function ignores them; the rule reads them, and, as in
@@ -688,6 +788,25 @@ class _EagerTrace(_pe.DynamicJaxprTrace):
                     known[v] = out
         var = root.val
         return var.val if type(var) is Literal else known[var]
+
+
+def _consts_as_leading_inputs(jaxpr: Jaxpr, consts: list, extra: list) -> tuple[Jaxpr, list]:
+    """`jaxpr` taking the values `extra` as leading inputs, in place of the constants that
+    are those values (by identity); and its other constants."""
+    extra_vars = [Var(x.aval) for x in extra]
+    position = {id(x): i for i, x in enumerate(extra)}
+    rename = {v: extra_vars[position[id(c)]] for v, c in zip(jaxpr.constvars, consts, strict=True)
+              if id(c) in position}
+
+    def atom(a):
+        return a if type(a) is Literal else rename.get(a, a)
+
+    new = jaxpr.replace(
+        constvars=[v for v in jaxpr.constvars if v not in rename],
+        invars=[*extra_vars, *jaxpr.invars],
+        eqns=[eqn.replace(invars=[atom(a) for a in eqn.invars]) for eqn in jaxpr.eqns],
+        outvars=[atom(a) for a in jaxpr.outvars])
+    return new, [c for c in consts if id(c) not in position]
 
 
 def _as_eager(tracer):
