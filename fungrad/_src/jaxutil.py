@@ -562,9 +562,10 @@ class _EagerTrace(_pe.DynamicJaxprTrace):
     __slots__ = ("_sources", "_values", "_depends", "_trace_rules")
 
     def init_values(self, trace_rules: int):
-        # How deep custom_jvp rules are traced while the capture is live: the function's
-        # own calls (1) and the calls inside their rules (2, for second order), not deeper:
-        # a rule may call its own function.
+        # How deep custom rules are traced while the capture is live: 2, the function's own
+        # calls; 1, the calls inside their rules that close over values of a trace (the
+        # rule's call of its own function under a vmap: second order needs its rule); 0,
+        # none (lazily, as jax does), since a rule may call its own function.
         self._trace_rules = trace_rules
         self._sources: dict[Any, Any] = {}  # input var -> a value, or a tracer to ask
         self._values: dict[Any, Any] = {}
@@ -584,7 +585,8 @@ class _EagerTrace(_pe.DynamicJaxprTrace):
                                                symbolic_zeros=symbolic_zeros)
         eqn = getattr(outs[0], "parent", None) if outs else None
         if (self._trace_rules <= 0 or symbolic_zeros or eqn is None or eqn.primitive is not prim
-                or getattr(_rebinding_state, "depth", 0)):
+                or getattr(_rebinding_state, "depth", 0)
+                or (self._trace_rules == 1 and not eqn.params["num_consts"])):
             return outs
         # Trace the user's rule now, while this trace is live, with primals that can give
         # their values: a rule may branch on them, as under jax.grad. The rule's jaxpr for
