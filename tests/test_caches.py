@@ -105,6 +105,7 @@ def _weak_caches():
 
 def test_derived_caches_are_freed_with_their_programs_and_cleared_on_request(monkeypatch):
     monkeypatch.setattr(capture._programs, "max_entries", 4)
+    fungrad.clear_caches()  # what earlier tests left (their programs may still be alive)
     x = jnp.linspace(0.1, 1.0, 5)
     for k in range(40):  # forty different programs, at most four alive
         f = lambda x, k=k: jnp.sum(jnp.sin(x) ** k)  # noqa: E731

@@ -40,10 +40,10 @@ def approx_bytes(value: Any) -> int:
         if hasattr(v, "jaxpr") and hasattr(v, "consts"):  # a closed jaxpr
             todo.append(v.jaxpr)
             todo.extend(v.consts)
-        elif hasattr(v, "eqns") and hasattr(v, "outvars"):  # a jaxpr, and those it nests
+        elif hasattr(v, "eqns") and hasattr(v, "outvars"):  # a jaxpr
+            # Its own equations only: the jaxprs nested in it are mostly shared with other
+            # entries, and walking them on every store would cost the square of the depth.
             total += EQUATION_BYTES * (len(v.eqns) + 1)
-            todo.extend(p for eqn in v.eqns for p in eqn.params.values()
-                        if isinstance(p, (tuple, list)) or hasattr(p, "eqns") or hasattr(p, "consts"))
         elif isinstance(v, (tuple, list)):
             todo.extend(v)
         elif dataclasses.is_dataclass(v) and not isinstance(v, type):

@@ -226,6 +226,3 @@ def _const_key(value: Any) -> Any:
     if not jaxutil.is_tracer(value) and np.size(value) <= _SMALL:
         return ("value", jaxutil.typeof(value), np.asarray(value).tobytes())
     return caching.Identity(value)
-
-
-clear_cache = caching.clear_caches  # TEMPORARY alias, removed at integration

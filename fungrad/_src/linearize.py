@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from fungrad._src import jaxutil, rules
 from fungrad._src.jaxutil import ClosedJaxpr, Jaxpr, JaxprEqn, Literal, Var
-from fungrad._src.jvp import jvp_program
+from fungrad._src.jvp import jvp_program, merge
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,19 @@ def partial_eval(jaxpr: Jaxpr, unknowns: Sequence[bool],
     """
     if isinstance(instantiate, bool):
         instantiate = [instantiate] * len(jaxpr.outvars)
+    return _instantiated(_uninstantiated(jaxpr, tuple(unknowns)), instantiate)
+
+
+@jaxutil.weak_cache
+def _uninstantiated(jaxpr: Jaxpr, unknowns: tuple[bool, ...]) -> Split:
+    """`partial_eval` with nothing instantiated, computed once per jaxpr and unknowns.
+
+    Rules for conds and loops split a body to learn which outputs are unknown, then
+    again with those instantiated; each split of a body splits the bodies nested in it,
+    so without the cache the work would double with each level of nesting. Every caller
+    gets the same split, whose jaxprs share variables with `jaxpr`: rules use them as
+    bodies of their own, and inline their equations only on fresh variables (`_inline`).
+    """
     unknown: set[Var] = {v for v, u in zip(jaxpr.invars, unknowns, strict=True) if u}
     known_eqns: list[JaxprEqn] = []
     staged_eqns: list[JaxprEqn] = []
@@ -53,11 +66,10 @@ def partial_eval(jaxpr: Jaxpr, unknowns: Sequence[bool],
         staged_eqns += eqn_staged
         unknown.update(v for v, u in zip(eqn.outvars, out_unknowns, strict=True) if u)
 
-    out_unknowns = [type(v) is not Literal and v in unknown or inst
-                    for v, inst in zip(jaxpr.outvars, instantiate, strict=True)]
+    out_unknowns = [type(v) is not Literal and v in unknown for v in jaxpr.outvars]
     staged_outs = [v for v, u in zip(jaxpr.outvars, out_unknowns, strict=True) if u]
     staged_eqns = dce(staged_eqns, staged_outs)
-    residuals = _residuals(staged_eqns, staged_outs, unknown)
+    residuals = _residuals(staged_eqns, unknown)
     known_outs = [v for v, u in zip(jaxpr.outvars, out_unknowns, strict=True) if not u]
     known_outvars = known_outs + residuals
     known = jaxutil.new_jaxpr(
@@ -70,12 +82,36 @@ def partial_eval(jaxpr: Jaxpr, unknowns: Sequence[bool],
     return Split(known, staged, out_unknowns, len(residuals))
 
 
-def _residuals(staged_eqns: Sequence[JaxprEqn], staged_outs: Sequence,
-               unknown: set[Var]) -> list[Var]:
-    """Known variables the staged part reads, each once, in order of first use."""
+def _instantiated(split: Split, instantiate: Sequence[bool]) -> Split:
+    """`split` with the known outputs where `instantiate` is set staged too.
+
+    Each such output leaves the known outputs and becomes a residual (unless it is one
+    already, or a literal), which the staged part returns as it is. No equation moves:
+    the known part computes the same values, the staged part reads the new residuals only
+    as outputs.
+    """
+    known, staged = split.known, split.staged
+    moved = [not u and inst for u, inst in zip(split.out_unknowns, instantiate, strict=True)]
+    if not any(moved):
+        return split
+    n_known = len(known.outvars) - split.num_res
+    outs = merge(split.out_unknowns, staged.outvars, known.outvars[:n_known])
+    out_unknowns = [u or m for u, m in zip(split.out_unknowns, moved, strict=True)]
+    new_res = [v for v, m in zip(outs, moved, strict=True) if m and type(v) is not Literal]
+    residuals = list(dict.fromkeys([*known.outvars[n_known:], *new_res]))
+    known_outs = [v for v, u in zip(outs, out_unknowns, strict=True) if not u]
+    staged_outs = [v for v, u in zip(outs, out_unknowns, strict=True) if u]
+    return Split(
+        jaxutil.new_jaxpr(known.constvars, known.invars, [*known_outs, *residuals], known.eqns),
+        jaxutil.new_jaxpr([], [*residuals, *staged.invars[split.num_res:]], staged_outs,
+                          staged.eqns),
+        out_unknowns, len(residuals))
+
+
+def _residuals(staged_eqns: Sequence[JaxprEqn], unknown: set[Var]) -> list[Var]:
+    """Known variables the staged equations read, each once, in order of first use."""
     seen: dict[Var, None] = {}
-    reads = [v for eqn in staged_eqns for v in eqn.invars] + list(staged_outs)
-    for v in reads:
+    for v in (v for eqn in staged_eqns for v in eqn.invars):
         if type(v) is not Literal and v not in unknown:
             seen.setdefault(v, None)
     return list(seen)

@@ -13,6 +13,7 @@ that its carry inputs and outputs agree.
 
 from __future__ import annotations
 
+import collections
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -69,26 +70,35 @@ def _fixed_point(step: Callable[[list[bool]], Sequence[bool]], init: Sequence[bo
         carry = new
 
 
-@jaxutil.weak_cache
 def _jvp_instantiated(closed: ClosedJaxpr, nonzeros: tuple[bool, ...],
                       inst: tuple[bool, ...]) -> tuple[ClosedJaxpr, tuple[bool, ...]]:
     """Like `jvp_program`, with the output tangents where `inst` is set made nonzero.
 
     (primals, nonzero tangents) -> (outs, out tangents where the returned mask is set).
     """
-    n = len(closed.in_avals)
-    _, out_nonzeros = jvp_program(closed, nonzeros)
+    body, out_nonzeros = jvp_program(closed, nonzeros)
     out_nz = tuple(nz or (i and has_tangent_space(a))
                    for nz, i, a in zip(out_nonzeros, inst, closed.out_avals, strict=True))
+    if list(out_nz) == out_nonzeros:
+        return body, out_nz
+    return _jvp_with_zeros(closed, nonzeros, out_nz), out_nz
+
+
+@jaxutil.weak_cache
+def _jvp_with_zeros(closed: ClosedJaxpr, nonzeros: tuple[bool, ...],
+                    out_nz: tuple[bool, ...]) -> ClosedJaxpr:
+    """`jvp_program`'s jaxpr with zeros for the output tangents it lacks where `out_nz` is
+    set. Built on that jaxpr rather than by tracing the forward mode again, which would
+    run the rules of the constructs nested in `closed` once more."""
+    body, out_nonzeros = jvp_program(closed, nonzeros)
+    n_out = len(closed.out_avals)
 
     def fun(*args):
-        primals, nz_dots = args[:n], args[n:]
-        dots = fill(nonzeros, nz_dots, [Zero(a.to_tangent_aval()) for a in closed.in_avals])
-        outs, out_dots = jvp_closed(closed, primals, dots)
-        return [*outs, *(instantiate(t) for t, nz in zip(out_dots, out_nz, strict=True) if nz)]
+        outs = jaxutil.eval_jaxpr(body.jaxpr, body.consts, *args)
+        dots = fill(out_nonzeros, outs[n_out:], [Zero(a.to_tangent_aval()) for a in closed.out_avals])
+        return [*outs[:n_out], *(instantiate(t) for t, nz in zip(dots, out_nz, strict=True) if nz)]
 
-    dot_avals = [a.to_tangent_aval() for a, nz in zip(closed.in_avals, nonzeros, strict=True) if nz]
-    return jaxutil.trace_to_jaxpr(fun, [*closed.in_avals, *dot_avals]), out_nz
+    return jaxutil.trace_to_jaxpr(fun, body.in_avals)
 
 
 def _out_nonzeros(closed: ClosedJaxpr, nonzeros: Sequence[bool]) -> list[bool]:
@@ -136,33 +146,50 @@ def _cond_jvp(primals, tangents, *, branches, **params):
 
 
 def _join_residuals(splits: Sequence[linearize.Split]) -> tuple[list[Any], list[list[int]]]:
-    """Slots shared by the branches' residuals (one per aval and use), and each one's slots."""
+    """Slots shared by the branches' residuals (one per aval and use), and each one's slots.
+
+    A branch's i-th residual of a shape and dtype takes the i-th slot of that shape and
+    dtype. (Residuals of conds nested in a branch are residuals of the branch, so their
+    number grows with the depth of nesting: this must stay linear in it.)
+    """
     slot_avals: list[Any] = []
+    slots_by_type: dict[tuple, list[int]] = {}
     slots_of: list[list[int]] = []
     for split in splits:
+        used: collections.Counter = collections.Counter()
         taken: list[int] = []
         for r in _residual_vars(split):
-            free = [s for s, a in enumerate(slot_avals)
-                    if s not in taken and (a.shape, a.dtype) == (r.aval.shape, r.aval.dtype)]
-            if not free:
+            key = (r.aval.shape, r.aval.dtype)
+            same = slots_by_type.setdefault(key, [])
+            if used[key] == len(same):
+                same.append(len(slot_avals))
                 slot_avals.append(r.aval)
-                free = [len(slot_avals) - 1]
-            taken.append(free[0])
+            taken.append(same[used[key]])
+            used[key] += 1
         slots_of.append(taken)
     return slot_avals, slots_of
 
 
 def _known_branch(split: linearize.Split, consts: Sequence[Any], slots: Sequence[int],
                   slot_avals: Sequence[Any]) -> ClosedJaxpr:
-    """(known ops) -> (known outs, residual slots), zeros in the slots this branch lacks."""
+    """(known ops) -> (known outs, residual slots), zeros in the slots this branch lacks.
+
+    One zero per aval fills them all: a branch beside nested conds lacks a number of
+    residuals that grows with the depth of the nesting.
+    """
     n_known = len(split.known.outvars) - split.num_res
 
     def fun(*known_ops):
         outs = jaxutil.eval_jaxpr(split.known, consts, *known_ops)
-        filled = [jaxutil.zeros_like_aval(a) for a in slot_avals]
-        for s, r in zip(slots, outs[n_known:], strict=True):
-            filled[s] = r
-        return [*outs[:n_known], *filled]
+        filled = dict(zip(slots, outs[n_known:], strict=True))
+        zeros = {}
+        for s, a in enumerate(slot_avals):
+            if s in filled:
+                continue
+            if a not in zeros:
+                zeros[a] = jaxutil.zeros_like_aval(a)
+            filled[s] = zeros[a]
+        return [*outs[:n_known], *(filled[s] for s in range(len(slot_avals)))]
 
     return jaxutil.trace_to_jaxpr(fun, [v.aval for v in split.known.invars])
 
