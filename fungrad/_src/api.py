@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import functools
+import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -458,27 +460,22 @@ class _Dispatch:
 
 
 class _CompileCost:
-    """Seconds that compiling a derived program takes, as a line `base + rate * size` in
-    the size of the captured program, fitted by least squares to this process's compiles
-    (recent ones weigh more) starting from a prior of two typical compiles."""
+    """Seconds that compiling a derived program takes, predicted as a fixed cost plus a
+    rate per equation of the captured program: the median rate of this process's last
+    compiles, so one pathological program (XLA is superlinear on some) does not decide
+    for all the others."""
 
-    _PRIOR = ((10, 0.05), (1000, 0.5))  # (equations, seconds) on a CPU
-    _DECAY = 0.9
+    _BASE = 0.05  # seconds, whatever the size
+    _PRIOR_RATE = 5e-4  # seconds per equation on a CPU
 
     def __init__(self):
-        self._sums = [0.0] * 5  # weight, x, y, x*x, x*y
-        for size, seconds in self._PRIOR:
-            self.observe(size, seconds)
+        self._rates: collections.deque[float] = collections.deque([self._PRIOR_RATE], maxlen=9)
 
     def predict(self, size: int) -> float:
-        w, x, y, xx, xy = self._sums
-        rate = max((w * xy - x * y) / max(w * xx - x * x, 1e-12), 0.0)
-        base = max((y - rate * x) / w, 0.0)
-        return base + rate * size
+        return self._BASE + statistics.median(list(self._rates)) * size
 
     def observe(self, size: int, seconds: float) -> None:
-        self._sums = [self._DECAY * s + d for s, d in zip(
-            self._sums, (1.0, size, seconds, size * size, size * seconds), strict=True)]
+        self._rates.append(max(seconds - self._BASE, 0.0) / max(size, 1))
 
 
 _compile_cost = _CompileCost()
