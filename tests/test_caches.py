@@ -144,3 +144,24 @@ def test_the_compile_cost_model_learns_from_compiles_and_resists_outliers():
     assert model.predict(200) == pytest.approx(0.05 + 2.0, rel=0.01)
     model.observe(5000, 500.0)  # one program XLA takes very long over
     assert model.predict(200) == pytest.approx(0.05 + 2.0, rel=0.01)
+
+
+def test_a_program_with_a_very_long_chain_of_equations_runs_op_by_op(monkeypatch):
+    # XLA's compile time grows faster than linearly with such chains: never worth it.
+    monkeypatch.setattr(api, "_MAX_CHAIN", 5)
+    monkeypatch.setattr(api._compile_cost, "predict", lambda size: 0.0)
+    fungrad.clear_caches()
+    calls = []
+    original = api._value_and_grad_flat
+    monkeypatch.setattr(api, "_value_and_grad_flat",
+                        lambda *a: calls.append(None) or original(*a))
+
+    def chain(x):
+        for _ in range(4):
+            x = jnp.sin(x) * 1.5
+        return jnp.sum(x)
+
+    x = jnp.linspace(0.1, 1.0, 5)
+    for _ in range(4):
+        assert_close(fungrad.grad(chain)(x), jax.grad(chain)(x))
+    assert len(calls) == 4  # every call op by op

@@ -319,6 +319,19 @@ def count_eqns(jaxpr: Jaxpr) -> int:
     return total
 
 
+def longest_chain(jaxpr: Jaxpr) -> int:
+    """The most equations on one path of dependencies through `jaxpr` (a nested jaxpr's
+    equation counts once)."""
+    depth: dict[Any, int] = {}
+    longest = 0
+    for eqn in jaxpr.eqns:
+        d = 1 + max((depth.get(v, 0) for v in eqn.invars if type(v) is not Literal), default=0)
+        for v in eqn.outvars:
+            depth[v] = d
+        longest = max(longest, d)
+    return longest
+
+
 def is_missing_lowering(err: Exception) -> bool:
     """Whether `err` says a primitive cannot be compiled, only run eagerly: it has no MLIR
     lowering, or it is a `checkify.check` outside `checkify` (jax runs it eagerly)."""
