@@ -276,18 +276,16 @@ def symbolic_zero_for_user(aval: Any) -> Any:
     return ad_util.SymbolicZero(aval)
 
 
-def register_failing_lowering(prim: Primitive, error: Callable[..., Any]) -> None:
-    """Makes compiling or batching `prim` raise `error()`; for primitives that must be
-    transposed away."""
-    def lowering(ctx, *args, **params):
-        del ctx, args, params
-        raise error()
+def register_impl_everywhere(prim: Primitive, impl: Callable[..., list]) -> None:
+    """Makes `prim` (with multiple results) run as `impl(*args, **params)` eagerly, when
+    compiled (lowered as the ops `impl` binds) and under `vmap` (`impl` vmapped)."""
+    prim.def_impl(impl)
+    mlir.register_lowering(prim, mlir.lower_fun(impl, multiple_results=True))
 
     def batching_rule(args, dims, **params):
-        del args, dims, params
-        raise error()
+        outs = jax.vmap(functools.partial(impl, **params), in_axes=tuple(dims))(*args)
+        return outs, [0] * len(outs)
 
-    mlir.register_lowering(prim, lowering)
     batching.primitive_batchers[prim] = batching_rule
 
 

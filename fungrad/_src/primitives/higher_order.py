@@ -3,6 +3,8 @@ custom_jvp_call, custom_vjp_call, composite, custom_vmap_call, linear_call."""
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -126,23 +128,97 @@ def _custom_jvp_call_jvp(primals, tangents, *, call_jaxpr, jvp_jaxpr_fun, num_co
 rules.jvp_rules[prims.custom_jvp_call_p] = _custom_jvp_call_jvp
 
 
-# --- custom_vjp: fwd now, bwd when transposed -----------------------------------------
-
-def _custom_vjp_jvp_error() -> TypeError:
-    return TypeError("can't apply forward-mode autodiff (jvp) to a custom_vjp function.")
-
-
-def _raise_custom_vjp_jvp_error(*args, **params):
-    del args, params
-    raise _custom_vjp_jvp_error()
-
+# --- custom_vjp: fwd now, bwd when transposed, or transposed for forward mode ----------
+#
+# bwd maps an output cotangent u to J^T u at fwd's residuals, linearly in u; transposing
+# it gives J v: forward mode (jvp, linearize, jacfwd, fwd-over-fwd) that jax refuses.
 
 custom_lin_p = Primitive("fungrad_custom_lin")
-"""The tangent map of a custom_vjp function: known only through its transpose (the bwd)."""
+"""The tangent map of a custom_vjp function, given by its bwd: `(residuals, nonzero input
+tangents) -> output tangents`. Reverse mode calls bwd (its transpose rule); forward mode
+runs bwd's transpose (its impl, lowering and batching rule)."""
 custom_lin_p.multiple_results = True
 custom_lin_p.def_abstract_eval(lambda *args, out_avals, **params: list(out_avals))
-custom_lin_p.def_impl(_raise_custom_vjp_jvp_error)
-jaxutil.register_failing_lowering(custom_lin_p, _custom_vjp_jvp_error)
+
+
+def _bwd_jaxpr(bwd: Any, res_avals: tuple, out_avals: tuple, in_nonzeros: tuple,
+               dot_avals: tuple) -> ClosedJaxpr:
+    """The user's bwd as a jaxpr: (residuals, output cotangents) -> the cotangents of the
+    inputs with a nonzero tangent (zeros where bwd returns None)."""
+    def fun(*args):
+        res, cts = args[:len(res_avals)], list(args[len(res_avals):])
+        cts_in = [ct for ct, nz in zip(jaxutil.call_custom_bwd(bwd, res, cts), in_nonzeros,
+                                       strict=True) if nz]
+        return [jaxutil.zeros_like_aval(a) if ct is None else ct
+                for ct, a in zip(cts_in, dot_avals, strict=True)]
+
+    return jaxutil.trace_to_jaxpr(fun, [*res_avals, *out_avals])
+
+
+def _custom_lin_forward(*args, num_res, bwd, out_avals, symbolic_zeros, in_nonzeros):
+    """J v at the residuals, from bwd alone: bwd is u -> J^T u, so J v = (bwd^T)(v)."""
+    del symbolic_zeros  # bwd's cotangents are all given here
+    res, dots = args[:num_res], args[num_res:]
+    closed = _bwd_jaxpr(bwd.value, tuple(map(jaxutil.typeof, res)), tuple(out_avals),
+                        in_nonzeros, tuple(map(jaxutil.typeof, dots)))
+    undefined = (*[False] * num_res, *[True] * len(out_avals))
+    nonlinear = _nonlinear_use(closed.jaxpr, num_res)
+    if nonlinear is not None:
+        prim, where = nonlinear
+        where = f" at {where}" if where and _FUNGRAD_SRC not in where else ""
+        raise _custom_vjp_forward_error(
+            bwd.value, f"is not linear in the cotangent: it applies `{prim}` to it{where}")
+    try:
+        transposed = transpose_of_closed(closed, undefined, (True,) * len(dots))
+    except Exception as err:  # a cotangent times a cotangent; a construct with no transpose
+        raise _custom_vjp_forward_error(bwd.value, f"could not be transposed: {err}") from err
+    return jaxutil.eval_jaxpr(transposed.jaxpr, transposed.consts, *res, *dots)
+
+
+_FUNGRAD_SRC = os.path.join("fungrad", "_src")
+
+
+def _nonlinear_use(jaxpr: Any, num_res: int) -> tuple[Any, str] | None:
+    """The first primitive with no transpose rule (not linear) applied to a value that
+    depends on the cotangent inputs (those after the `num_res` residuals), and the user's
+    line that applies it."""
+    return _first_nonlinear(jaxpr, [i >= num_res for i in range(len(jaxpr.invars))])
+
+
+def _first_nonlinear(jaxpr: Any, linear_in: Sequence[bool]) -> tuple[Any, str] | None:
+    linear = {v for v, lin in zip(jaxpr.invars, linear_in, strict=True) if lin}
+    for eqn in jaxpr.eqns:
+        flags = [type(v) is not Literal and v in linear for v in eqn.invars]
+        if not any(flags):
+            continue
+        if eqn.primitive is prims.jit_p:  # look inside (jnp's functions are jitted)
+            inner = _first_nonlinear(eqn.params["jaxpr"].jaxpr, flags)
+            if inner is not None:
+                return inner[0], inner[1] or jaxutil.source_line(eqn)
+        elif eqn.primitive not in rules.transpose_rules:
+            return eqn.primitive, jaxutil.source_line(eqn)
+        linear.update(eqn.outvars)
+    return None
+
+
+def _custom_vjp_forward_error(bwd: Any, why: str) -> TypeError:
+    src = getattr(getattr(bwd, "debug_info", None), "func_src_info", None)
+    return TypeError(
+        "fungrad runs a custom_vjp function in forward mode (jvp, linearize, jacfwd, hessian) "
+        "by transposing its bwd, which must be linear in the cotangent; this bwd"
+        f"{f' ({src})' if src else ''} {why}. Give the function a custom_jvp rule for "
+        "forward mode, or use reverse mode (grad, vjp, jacrev).")
+
+
+def _custom_lin_jvp(primals, tangents, **params):
+    # d(J(res) v) = J(res) dv + (dJ/dres . dres) v: the JVP of the forward evaluation.
+    closed = jaxutil.trace_to_jaxpr(functools.partial(_custom_lin_forward, **params),
+                                    [jaxutil.typeof(x) for x in primals])
+    return jvp_closed(closed, primals, tangents)
+
+
+jaxutil.register_impl_everywhere(custom_lin_p, _custom_lin_forward)
+rules.jvp_rules[custom_lin_p] = _custom_lin_jvp
 
 
 def _custom_vjp_call_jvp(primals, tangents, *, call_jaxpr, fwd_jaxpr_thunk, num_consts,
