@@ -214,4 +214,25 @@ def newton(scale: int) -> Workload:
                     jax.grad(root), (a,), eager_only=True)
 
 
-ALL = [mlp, cnn, gpt, rnn, hvp, jac_tall, jac_wide, hessian, training, mlp_fresh, newton]
+def jacfwd_custom_vjp(scale: int) -> Workload:
+    """Forward mode through a custom_vjp layer (jax refuses it): fungrad transposes the bwd;
+    jax differentiates the same layer written without the rule."""
+    key = jax.random.key(6)
+    a = jax.random.normal(key, (256 * scale, 16)) / 4.0
+
+    @jax.custom_vjp
+    def layer(x):
+        return jnp.tanh(a @ x)
+
+    def layer_fwd(x):
+        y = jnp.tanh(a @ x)
+        return y, y
+
+    layer.defvjp(layer_fwd, lambda y, ct: (a.T @ ((1 - y * y) * ct),))
+    plain = lambda x: jnp.tanh(a @ x)
+    return Workload("jacfwd_cvjp", f"jacfwd of a custom_vjp layer R^16 -> R^{256 * scale}",
+                    fungrad.jacfwd(layer), jax.jacfwd(plain), (jnp.linspace(-1.0, 1.0, 16),))
+
+
+ALL = [mlp, cnn, gpt, rnn, hvp, jac_tall, jac_wide, hessian, training, mlp_fresh, newton,
+       jacfwd_custom_vjp]
