@@ -528,11 +528,12 @@ def _transform_flat(closed: ClosedJaxpr, impl: Callable, config: tuple, dyn_tree
 
 
 def jacfwd(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
-           holomorphic: bool = False) -> Callable:
+           holomorphic: bool = False, chunk_size: int | None = None) -> Callable:
     """Jacobian of `fun` by forward mode: one JVP per input dimension, vectorized.
 
     The Jacobian of an output leaf of shape ``out`` with respect to an input leaf of
-    shape ``in`` has shape ``out + in``.
+    shape ``in`` has shape ``out + in``. With ``chunk_size``, at most that many JVPs run
+    at once (a loop over chunks of the basis): the memory of one chunk, the same result.
 
     >>> import jax.numpy as jnp, fungrad
     >>> fungrad.jacfwd(lambda x: x ** 2)(jnp.array([1.0, 2.0])).tolist()
@@ -540,6 +541,7 @@ def jacfwd(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = Fals
     """
     fname = "jacfwd"
     api_util.check_callable(fun, fname)
+    api_util.check_chunk_size(chunk_size, fname)
 
     @jaxutil.api_boundary
     @functools.wraps(fun)
@@ -549,14 +551,14 @@ def jacfwd(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = Fals
         api_util.check_diff_args(args, nums, fname)
         for x in tree_util.tree_leaves(dyn):
             api_util.check_jacfwd_input_dtype(x, holomorphic=holomorphic, fname=fname)
-        return _eager_transform(_jacfwd_impl, (isinstance(argnums, int), has_aux), fun,
+        return _eager_transform(_jacfwd_impl, (isinstance(argnums, int), has_aux, chunk_size), fun,
                                 args, kwargs, nums)
 
     return jacfwd_f
 
 
-def _jacfwd_impl(fun: Callable, single: bool, has_aux: bool, args: tuple, kwargs: dict,
-                 nums: tuple[int, ...]) -> Any:
+def _jacfwd_impl(fun: Callable, single: bool, has_aux: bool, chunk_size: int | None,
+                 args: tuple, kwargs: dict, nums: tuple[int, ...]) -> Any:
     dyn = tuple(args[i] for i in nums)
     dyn_leaves, dyn_tree = tree_util.tree_flatten(dyn)
     basis = api_util.std_basis(dyn_leaves)
@@ -565,11 +567,41 @@ def _jacfwd_impl(fun: Callable, single: bool, has_aux: bool, args: tuple, kwargs
         tangents = tree_util.tree_unflatten(dyn_tree, list(basis_leaves))
         return jvp(_partial_args(fun, args, nums, kwargs), dyn, tangents, has_aux=has_aux)
 
-    results = jax.vmap(one_column, out_axes=(None, -1, None) if has_aux else (None, -1))(*basis)
+    results = _map_basis(one_column, basis, chunk_size,
+                         (None, -1, None) if has_aux else (None, -1))
     y, jac = results[0], results[1]
     jac = tree_util.tree_map(lambda j, out: _reshape_jac_fwd(j, out, dyn_leaves, dyn_tree,
                                                              single), jac, y)
     return (jac, results[2]) if has_aux else jac
+
+
+def _map_basis(fun: Callable, basis: Sequence[Any], chunk_size: int | None,
+               out_axes: Any) -> Any:
+    """`jax.vmap(fun, out_axes=out_axes)(*basis)` over the leading axis of the basis, at
+    most `chunk_size` vectors at a time: a `lax.map` over chunks, each vmapped, the last
+    padded with zero vectors whose results are dropped. Memory for one chunk."""
+    n = basis[0].shape[0] if basis else 0
+    if (chunk_size is None or chunk_size >= n
+            or any(b.dtype == jaxutil.float0 for b in basis)):  # integer inputs: no padding
+        return jax.vmap(fun, out_axes=out_axes)(*basis)
+    count = -(-n // chunk_size)
+    chunks = [jnp.pad(b, [(0, count * chunk_size - n)] + [(0, 0)] * (b.ndim - 1))
+              .reshape((count, chunk_size, *b.shape[1:])) for b in basis]
+    stacked = lax.map(lambda bs: jax.vmap(fun, out_axes=out_axes)(*bs), chunks)
+
+    def join(axis, x):  # x: the chunks stacked first, each batched at `axis`
+        if axis is None:
+            return x[0]  # the same in every chunk (the primal output)
+        if axis == 0:
+            return x.reshape((count * chunk_size, *x.shape[2:]))[:n]
+        assert axis == -1
+        x = jnp.moveaxis(x, 0, -2)
+        return x.reshape((*x.shape[:-2], count * chunk_size))[..., :n]
+
+    if not isinstance(out_axes, tuple):
+        return tree_util.tree_map(functools.partial(join, out_axes), stacked)
+    return tuple(tree_util.tree_map(functools.partial(join, axis), part)
+                 for axis, part in zip(out_axes, stacked, strict=True))
 
 
 def _reshape_jac_fwd(j, out, dyn_leaves, dyn_tree, single):
@@ -586,8 +618,10 @@ def _reshape_jac_fwd(j, out, dyn_leaves, dyn_tree, single):
 
 
 def jacrev(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
-           holomorphic: bool = False, allow_int: bool = False) -> Callable:
-    """Jacobian of `fun` by reverse mode: one VJP per output dimension, vectorized.
+           holomorphic: bool = False, allow_int: bool = False,
+           chunk_size: int | None = None) -> Callable:
+    """Jacobian of `fun` by reverse mode: one VJP per output dimension, vectorized
+    (at most ``chunk_size`` at once, if given).
 
     >>> import jax.numpy as jnp, fungrad
     >>> fungrad.jacrev(lambda x: x ** 2)(jnp.array([1.0, 2.0])).tolist()
@@ -595,6 +629,7 @@ def jacrev(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = Fals
     """
     fname = "jacrev"
     api_util.check_callable(fun, fname)
+    api_util.check_chunk_size(chunk_size, fname)
 
     @jaxutil.api_boundary
     @functools.wraps(fun)
@@ -605,13 +640,15 @@ def jacrev(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = Fals
         for x in tree_util.tree_leaves(dyn):
             api_util.check_input_dtype(x, holomorphic=holomorphic, allow_int=allow_int,
                                        fname=fname)
-        return _eager_transform(_jacrev_impl, (isinstance(argnums, int), has_aux, holomorphic),
+        return _eager_transform(_jacrev_impl, (isinstance(argnums, int), has_aux, holomorphic,
+                                               chunk_size),
                                 fun, args, kwargs, nums)
 
     return jacrev_f
 
 
-def _jacrev_impl(fun: Callable, single: bool, has_aux: bool, holomorphic: bool, args: tuple,
+def _jacrev_impl(fun: Callable, single: bool, has_aux: bool, holomorphic: bool,
+                 chunk_size: int | None, args: tuple,
                  kwargs: dict, nums: tuple[int, ...]) -> Any:
     dyn = tuple(args[i] for i in nums)
     outs = vjp(_partial_args(fun, args, nums, kwargs), *dyn, has_aux=has_aux)
@@ -621,7 +658,8 @@ def _jacrev_impl(fun: Callable, single: bool, has_aux: bool, holomorphic: bool, 
         api_util.check_output_dtype(jaxutil.typeof(leaf).dtype, holomorphic=holomorphic,
                                     fname="jacrev")
     basis = api_util.std_basis(y_leaves)
-    cols = jax.vmap(lambda *b: pullback(tree_util.tree_unflatten(y_tree, list(b))))(*basis)
+    cols = _map_basis(lambda *b: pullback(tree_util.tree_unflatten(y_tree, list(b))), basis,
+                      chunk_size, 0)
     cols = tree_util.tree_map(_like_input, cols, dyn)
     jac = _reshape_jac_rev(cols, y_leaves, y_tree, single)
     return (jac, outs[2]) if has_aux else jac
@@ -649,15 +687,16 @@ def _reshape_jac_rev(cols, y_leaves, y_tree, single):
 
 
 def hessian(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
-            holomorphic: bool = False) -> Callable:
-    """Hessian of scalar `fun`: ``jacfwd(jacrev(fun))``.
+            holomorphic: bool = False, chunk_size: int | None = None) -> Callable:
+    """Hessian of scalar `fun`: ``jacfwd(jacrev(fun))``, each with ``chunk_size``.
 
     >>> import jax.numpy as jnp, fungrad
     >>> fungrad.hessian(lambda x: jnp.sum(x ** 3))(jnp.array([1.0, 2.0])).tolist()
     [[6.0, 0.0], [0.0, 12.0]]
     """
-    return jacfwd(jacrev(fun, argnums, has_aux=has_aux, holomorphic=holomorphic), argnums,
-                  has_aux=has_aux, holomorphic=holomorphic)
+    return jacfwd(jacrev(fun, argnums, has_aux=has_aux, holomorphic=holomorphic,
+                         chunk_size=chunk_size), argnums,
+                  has_aux=has_aux, holomorphic=holomorphic, chunk_size=chunk_size)
 
 
 @jaxutil.api_boundary

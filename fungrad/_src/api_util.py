@@ -224,3 +224,10 @@ def tangent_dtype_of(x: Any) -> Any:
 
 def as_array(x: Any) -> Any:
     return x if isinstance(x, (jax.Array, np.ndarray)) or jaxutil.is_tracer(x) else jnp.asarray(x)
+
+
+def check_chunk_size(chunk_size: Any, fname: str) -> None:
+    if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer))
+                                   or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"{fname}: chunk_size must be a positive integer or None (all at "
+                         f"once), got {chunk_size!r}.")
