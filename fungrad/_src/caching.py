@@ -158,13 +158,13 @@ def weak_cache(fun: Callable | None = None, *, context: Callable[[], Hashable] =
     cache = LRU(f"{fun.__module__}.{fun.__qualname__}", max_entries, max_bytes)
     # Per id of a live first argument: a weak reference to it, and the keys stored for it.
     # A dead object's id may be reused, so a hit also checks the reference.
-    refs: dict[int, tuple[weakref.ref, list[Hashable]]] = {}
+    refs: dict[int, tuple[weakref.ref, set[Hashable]]] = {}
     dead: list[int] = []  # ids whose object died; purged under the lock, not in the callback
 
     def purge() -> None:
         with cache._lock:
             while dead:
-                _, keys = refs.pop(dead.pop(), (None, []))
+                _, keys = refs.pop(dead.pop(), (None, set()))
                 for key in keys:
                     cache.pop(key)
 
@@ -189,8 +189,8 @@ def weak_cache(fun: Callable | None = None, *, context: Callable[[], Hashable] =
             if entry is None or entry[0]() is not obj:  # new, or where a dead one was
                 for stale in entry[1] if entry else []:
                     cache.pop(stale)
-                entry = refs[id(obj)] = (weakref.ref(obj, functools.partial(forget, id(obj))), [])
-            entry[1].append(key)
+                entry = refs[id(obj)] = (weakref.ref(obj, functools.partial(forget, id(obj))), set())
+            entry[1].add(key)  # a set: a key evicted and computed again is listed once
             return cache.put(key, value)
 
     cached.cache = cache  # type: ignore[attr-defined]
