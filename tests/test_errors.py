@@ -337,3 +337,15 @@ def test_a_custom_vjp_rule_fungrad_cannot_trace_at_capture_says_what_to_do():
     with _raises(NotImplementedError, "custom_vjp", "jax.vmap",
                  "Pass that value as an argument of the custom_vjp function"):
         fungrad.grad(f)(0.5)
+
+
+def test_a_custom_vjp_rule_closing_over_a_differentiated_value_is_refused():
+    # Its fwd and bwd read x itself: they say nothing of how x moves the function.
+    def f(x):
+        g = jax.custom_vjp(lambda y: jnp.sin(y) * x)
+        g.defvjp(lambda y: (g(y), jnp.cos(y)), lambda r, ct: (r * x * ct,))
+        return g(2.0 * x)
+
+    with _raises(TypeError, "with respect to a value its fwd or bwd closes over",
+                 "Pass that value as an argument of the custom_vjp function"):
+        fungrad.grad(f)(0.5)
