@@ -130,6 +130,12 @@ def new_eqn(invars, outvars, primitive: Primitive, params: dict, like: JaxprEqn)
                          like.source_info, like.ctx)
 
 
+def rule_context(eqn: JaxprEqn):
+    """A context in which the equations a rule emits for `eqn` carry `eqn`'s source line
+    (the user's), not the rule's, so errors and reports name the user's code."""
+    return source_info_util.user_context(eqn.source_info.traceback)
+
+
 def source_line(eqn: JaxprEqn) -> str:
     """The user's source line that produced `eqn`, or '' when jax recorded none."""
     return source_info_util.summarize(eqn.source_info)

@@ -42,7 +42,8 @@ def jvp_jaxpr(jaxpr: Jaxpr, consts: Sequence[Any], primals: Sequence[Any],
             outs = jaxutil.bind_eqn(eqn, invals)
             out_dots = [Zero(v.aval.to_tangent_aval()) for v in eqn.outvars]
         else:
-            outs, out_dots = rules.lookup_jvp(eqn)(invals, in_dots, **eqn.params)
+            with jaxutil.rule_context(eqn):
+                outs, out_dots = rules.lookup_jvp(eqn)(invals, in_dots, **eqn.params)
             if not eqn.primitive.multiple_results:
                 outs, out_dots = [outs], [out_dots]
         for v, x, t in zip(eqn.outvars, outs, out_dots, strict=True):

@@ -47,7 +47,8 @@ def backward_pass(jaxpr: Jaxpr, args: Sequence[Any], cts_out: Sequence[Any]) -> 
             continue
         invals = [read(v) for v in eqn.invars]
         ct = cts if eqn.primitive.multiple_results else cts[0]
-        cts_in = rules.lookup_transpose(eqn)(ct, *invals, **eqn.params)
+        with jaxutil.rule_context(eqn):
+            cts_in = rules.lookup_transpose(eqn)(ct, *invals, **eqn.params)
         for atom, x, ct_in in zip(eqn.invars, invals, cts_in, strict=True):
             if is_undefined(x):
                 write_ct(atom, ct_in)
