@@ -13,6 +13,7 @@ from fungrad._src.api import (
 )
 from fungrad._src.caching import clear_caches
 from fungrad._src.custom_derivatives import custom_jvp, custom_vjp
+from fungrad._src.loops import while_snapshots
 
 __version__ = "0.1.0"
 
@@ -29,4 +30,5 @@ __all__ = [
     "linearize",
     "value_and_grad",
     "vjp",
+    "while_snapshots",
 ]

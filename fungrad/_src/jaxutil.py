@@ -226,6 +226,13 @@ def consts_as_invars(closed: ClosedJaxpr) -> tuple[Jaxpr, list[Any]]:
             list(closed.consts))
 
 
+def int_option(name: str, default: int, help: str) -> Any:
+    """A jax configuration option of fungrad's, part of jax's trace context: a program
+    traced under one value is never reused under another (by jit or fungrad's caches).
+    Calling it with a value gives a context manager that sets it."""
+    return _config.int_state(name, default, help, include_in_trace_context=True)
+
+
 def weak_cache(fun: Callable) -> Callable:
     """A bounded cache of `fun(jaxpr, *args)` holding the jaxpr weakly; jax's configuration
     (x64, the axis environment...) is part of the key, as it is of what a trace gives."""

@@ -2,8 +2,9 @@
 
 Each construct stays what it is in every mode: the JVP of a cond is a cond of the
 JVP'd branches, its linear part a cond, its transpose a cond of the transposed
-branches; likewise scan (transposed into a reversed scan), while (forward mode only,
-as in jax) and `jax.checkpoint` (whose residuals follow its policy).
+branches; likewise scan (transposed into a reversed scan), while (its transpose replays
+the trips backwards from snapshots of the carry, see `loops.py`; jax has no reverse
+mode for it) and `jax.checkpoint` (whose residuals follow its policy).
 
 Loops need a fixed point over their carries: a carry has a nonzero tangent (or is
 unknown, in partial evaluation) if its initial value has one or if one iteration of
@@ -14,14 +15,13 @@ that its carry inputs and outputs agree.
 from __future__ import annotations
 
 import collections
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from jax import lax
 from jax.ad_checkpoint import Recompute
 
-from fungrad._src import jaxutil, linearize, rules
+from fungrad._src import jaxutil, linearize, loops, rules
 from fungrad._src.jaxutil import ClosedJaxpr, Jaxpr, JaxprEqn, Literal, Var, prims
 from fungrad._src.jvp import fill, jvp_closed, jvp_program, merge
 from fungrad._src.primitives.higher_order import transpose_of_closed
@@ -412,7 +412,7 @@ rules.partial_eval_rules[prims.scan_p] = _scan_partial_eval
 rules.transpose_rules[prims.scan_p] = _scan_transpose  # reversed scan of the transposed body
 
 
-# --- while: forward mode only ------------------------------------------------------------
+# --- while: forward mode; reverse mode replays the trips from snapshots ------------------
 
 
 def _while_jvp(primals, tangents, *, cond_jaxpr, body_jaxpr, cond_nconsts, body_nconsts):
@@ -487,23 +487,83 @@ def _while_partial_eval(eqn: JaxprEqn, unknowns: Sequence[bool]):
     return [known_eqn], [staged_eqn], carry_uk
 
 
-_FUNGRAD_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+def _while_transpose(cts, *args, cond_jaxpr, body_jaxpr, cond_nconsts, body_nconsts):
+    cconsts, bconsts, init = _split(args, cond_nconsts, body_nconsts)
+    assert not any(map(is_undefined, cconsts)), "a loop's condition is never linear"
+    bconst_u = tuple(map(is_undefined, bconsts))
+
+    def step(carry_u):
+        return linearize.partial_eval(body_jaxpr.jaxpr, [*bconst_u, *carry_u]).out_unknowns
+
+    # A carry is linear if its initial value is, or if the body makes it so (its known
+    # initial value is then a zero tangent, as in the transpose of scan).
+    carry_u = tuple(_fixed_point(step, [is_undefined(x) for x in init]))
+    assert all(is_zero(ct) for ct, u in zip(cts, carry_u, strict=True) if not u)
+    program = _reversed_while(body_jaxpr, cond_jaxpr, cond_nconsts, bconst_u, carry_u,
+                              loops.snapshot_slots())
+    outs = jaxutil.eval_jaxpr(
+        program.jaxpr, program.consts, *cconsts,
+        *(x for x, u in zip(bconsts, bconst_u, strict=True) if not u),
+        *(x for x, u in zip(init, carry_u, strict=True) if not u),
+        *(instantiate(ct) for ct, u in zip(cts, carry_u, strict=True) if u))
+    ct_bconsts, ct_carry = _split(outs, sum(bconst_u))
+    ct_init = merge(carry_u, ct_carry, [None] * carry_u.count(False))
+    return [*[None] * cond_nconsts, *merge(bconst_u, ct_bconsts, [None] * bconst_u.count(False)),
+            *(ct if is_undefined(x) else None for x, ct in zip(init, ct_init, strict=True))]
 
 
-def _while_transpose(cts, *args, cond_jaxpr, body_jaxpr, **params):
-    del cts, args, cond_jaxpr, params
-    lines = map(jaxutil.source_line, body_jaxpr.jaxpr.eqns)
-    where = next((line for line in lines if line and not line.startswith(_FUNGRAD_DIR)), "")
-    raise ValueError(
-        "Reverse-mode differentiation does not work for lax.while_loop or lax.fori_loop with "
-        "dynamic start/stop values. Try using lax.scan, or using fori_loop with static "
-        "start/stop." + (f" (the loop whose body is at {where})" if where else ""))
+@jaxutil.weak_cache
+def _reversed_while(body: ClosedJaxpr, cond: ClosedJaxpr, cond_nconsts: int,
+                    bconst_u: tuple[bool, ...], carry_u: tuple[bool, ...],
+                    slots: int) -> ClosedJaxpr:
+    """The reverse pass of a while loop with linear constants and carries where `bconst_u`
+    and `carry_u` are set, as one program (built once per loop, so that eager calls reuse
+    its compiled loops): (cond consts, known body consts, known initial carries, cts of
+    the linear carries) -> (cts of the linear body consts, cts of the linear carries)."""
+    loop = _split_loop(body, cond, cond_nconsts, bconst_u, carry_u)
+    n_c, n_kb, n_kc = cond_nconsts, bconst_u.count(False), carry_u.count(False)
+    lin_consts = [a for a, u in zip(body.in_avals, bconst_u, strict=False) if u]
+
+    def fun(*args):
+        cconsts, consts, init, ct_carry = _split(args, n_c, n_kb, n_kc)
+        ct_consts = [jaxutil.zeros_like_aval(a.to_tangent_aval()) for a in lin_consts]
+        ct_consts, ct_carry = loops.reverse(loop, cconsts, consts, init, ct_consts, ct_carry, slots)
+        return [*ct_consts, *ct_carry]
+
+    known = [a for a, u in zip(body.in_avals, [*bconst_u, *carry_u], strict=True) if not u]
+    linear_carries = [a.to_tangent_aval() for a, u in zip(body.out_avals, carry_u, strict=True) if u]
+    return jaxutil.trace_to_jaxpr(fun, [*cond.in_avals[:n_c], *known, *linear_carries])
+
+
+def _split_loop(body: ClosedJaxpr, cond: ClosedJaxpr, cond_nconsts: int,
+                bconst_u: tuple[bool, ...], carry_u: tuple[bool, ...]) -> loops.Loop:
+    """The loop's condition and body on its primal carries, and its transposed body."""
+    cond_split = linearize.partial_eval(cond.jaxpr, [*[False] * cond_nconsts, *carry_u])
+    assert not cond_split.out_unknowns[0], "a loop's condition never reads a linear carry"
+    split = linearize.partial_eval(body.jaxpr, [*bconst_u, *carry_u], instantiate=list(carry_u))
+    assert split.out_unknowns == list(carry_u)
+    n_known = carry_u.count(False)
+    residuals = ClosedJaxpr(split.known, body.consts)
+    n_lin = bconst_u.count(True) + carry_u.count(True)
+    t_staged = transpose_of_closed(ClosedJaxpr(split.staged, ()),
+                                   (*[False] * split.num_res, *[True] * n_lin),
+                                   (True,) * carry_u.count(True))
+
+    def back(*args):
+        known, ct_carry = args[:len(split.known.invars)], args[len(split.known.invars):]
+        res = jaxutil.eval_jaxpr(residuals.jaxpr, residuals.consts, *known)[n_known:]
+        return jaxutil.eval_jaxpr(t_staged.jaxpr, t_staged.consts, *res, *ct_carry)
+
+    ct_avals = [a.to_tangent_aval() for a, u in zip(body.out_avals, carry_u, strict=True) if u]
+    return loops.Loop(cond=_known_part(cond_split, 1, cond.consts),
+                      step=_known_part(split, n_known, body.consts),
+                      back=jaxutil.trace_to_jaxpr(back, [*residuals.in_avals, *ct_avals]),
+                      num_linear_consts=bconst_u.count(True))
 
 
 rules.jvp_rules[prims.while_p] = _while_jvp  # while over (carry, carry_dot); cond reads carry
 rules.partial_eval_rules[prims.while_p] = _while_partial_eval
-rules.transpose_rules[prims.while_p] = _while_transpose  # no reverse mode, as in jax
-rules.forward_only.add(prims.while_p)
+rules.transpose_rules[prims.while_p] = _while_transpose  # replayed from snapshots (loops.py)
 
 
 # --- remat (jax.checkpoint): residuals only where the policy saves them ------------------
