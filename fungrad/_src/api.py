@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax, tree_util
 
-from fungrad._src import api_util, caching, jaxutil
+from fungrad._src import api_util, caching, debug_nans, jaxutil
 from fungrad._src import primitives as _primitives  # noqa: F401  (registers the rules)
 from fungrad._src.capture import Captured, capture
 from fungrad._src.jaxutil import ClosedJaxpr
@@ -124,8 +124,11 @@ def jvp(fun: Callable, primals: Sequence[Any], tangents: Sequence[Any],
     nonzeros = tuple(d and has_tangent_space(jaxutil.typeof(x)) for x, d in zip(inputs, diff, strict=True))
     run = _runner(_jvp_flat, captured.jaxpr, captured.reused,
                   [*inputs, *tree_util.tree_leaves(tangents)], nonzeros)
-    outs, out_dots = run(captured.jaxpr, nonzeros, *inputs,
-                         *(t for t, nz in zip(dots, nonzeros, strict=True) if nz))
+    nz_dots = [t for t, nz in zip(dots, nonzeros, strict=True) if nz]
+    outs, out_dots = run(captured.jaxpr, nonzeros, *inputs, *nz_dots)
+    if debug_nans.enabled():
+        retrace = functools.partial(debug_nans.fresh_trace, fun_, primals, range(len(primals)))
+        debug_nans.check_forward("jvp", retrace, inputs, nonzeros, nz_dots, out_dots)
     return _unflatten_outs(captured, has_aux, outs, out_dots)
 
 
@@ -158,6 +161,9 @@ def linearize(fun: Callable, *primals: Any, has_aux: bool = False) -> tuple[Any,
     outs, _, residuals = _linearize_flat(captured.jaxpr, inputs, nonzeros, captured.reused)
     spec = _LinearizeSpec(captured.jaxpr, tuple(nonzeros), _num_outs(captured, has_aux),
                           _out_tree(captured, has_aux), primals, captured.reused)
+    if debug_nans.enabled():
+        spec.debug = (functools.partial(debug_nans.fresh_trace, fun_, primals, range(len(primals))),
+                      inputs)
     # A pytree (the residuals are its leaves), so it can be passed through jax.jit.
     f_jvp = tree_util.Partial(functools.partial(_linearized, spec), residuals)
     return _finish(captured, has_aux, outs, f_jvp)
@@ -173,6 +179,7 @@ class _LinearizeSpec:
                                                                            jaxutil.typeof(x).dtype))
                              for path, x in tree_util.tree_flatten_with_path(primals)[0]]
         self.compile = reused  # compiled from the second call on
+        self.debug: tuple[Callable | None, list] = (None, [])  # under debug_nans: retrace, inputs
 
 
 def _linearized(spec: _LinearizeSpec, residuals: list, *tangents: Any) -> Any:
@@ -186,6 +193,8 @@ def _linearized(spec: _LinearizeSpec, residuals: list, *tangents: Any) -> Any:
                   len(residuals))
     spec.compile = True
     out_dots = run(spec.closed, spec.nonzeros, len(residuals), *residuals, *nz)
+    if debug_nans.enabled():
+        debug_nans.check_forward("linearize", *spec.debug, spec.nonzeros, nz, out_dots)
     return tree_util.tree_unflatten(spec.out_tree, out_dots[:spec.num_outs])
 
 
@@ -221,6 +230,9 @@ def vjp(fun: Callable, *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:
     n_out = _num_outs(captured, has_aux)
     spec = _VjpSpec(captured.jaxpr, n_out, tuple(nonzeros), _out_tree(captured, has_aux),
                     tree_util.tree_structure(primals), captured.reused)
+    if debug_nans.enabled():
+        spec.debug = (functools.partial(debug_nans.fresh_trace, fun_, primals, range(len(primals))),
+                      inputs)
     vjp_fun = tree_util.Partial(functools.partial(_pullback, spec), residuals)
     return _finish(captured, has_aux, outs, vjp_fun)
 
@@ -233,6 +245,7 @@ class _VjpSpec:
         self.compile = reused  # compiled from the second call on
         self.in_avals, self.out_avals = tuple(closed.in_avals), tuple(closed.out_avals)
         self.out_tree, self.in_tree = out_tree, in_tree
+        self.debug: tuple[Callable | None, list] = (None, [])  # under debug_nans: retrace, inputs
 
 
 def _pullback(spec: _VjpSpec, residuals: list, ct: Any) -> tuple:
@@ -248,6 +261,8 @@ def _pullback(spec: _VjpSpec, residuals: list, ct: Any) -> tuple:
                   spec.nonzeros, spec.num_outs, len(residuals))
     spec.compile = True
     nz_cts = run(spec.closed, spec.nonzeros, spec.num_outs, len(residuals), *residuals, *flat_cts)
+    if debug_nans.enabled():
+        debug_nans.check_reverse("vjp", *spec.debug, spec.nonzeros, spec.num_outs, flat_cts, nz_cts)
     zeros = [Zero(a.to_tangent_aval()) for a in spec.in_avals]
     cts_in = [instantiate(c) for c in fill(spec.nonzeros, nz_cts, zeros)]
     return tree_util.tree_unflatten(spec.in_tree, cts_in[:spec.in_tree.num_leaves])  # not the lifted
@@ -351,6 +366,9 @@ def _value_and_grad(fun, args, kwargs, nums, has_aux, holomorphic, allow_int, fn
     run = _runner(_value_and_grad_flat, captured.jaxpr, captured.reused, inputs, nonzeros, n_out,
                   with_value)
     outs, nz_grads = run(captured.jaxpr, nonzeros, n_out, with_value, *inputs)
+    if debug_nans.enabled():
+        debug_nans.check_reverse(fname, functools.partial(debug_nans.fresh_trace, fun_, args, nums),
+                                 inputs, nonzeros, n_out, None, nz_grads, captured.jaxpr.out_avals[0])
     outs = outs if with_value else [None, *outs]
     nz_grads = iter(nz_grads)
     grads_flat = [next(nz_grads) if nz else instantiate(Zero.like(x))
@@ -498,7 +516,9 @@ def _eager_transform(impl: Callable, config: tuple, fun: Callable, args: tuple,
     dyn = tuple(args[i] for i in nums)
     dyn_leaves, dyn_tree = tree_util.tree_flatten(dyn)
     if not _all_concrete(tree_util.tree_leaves((args, kwargs))) or not all(
-            map(_is_traceable_array, dyn_leaves)):
+            map(_is_traceable_array, dyn_leaves)) or debug_nans.enabled():
+        # (Checking, the transforms inside trace the user's function itself: the reports
+        # name its lines, and run op by op: the checks' errors reach the caller as raised.)
         return impl(fun, *config, args, kwargs, nums)
     debug = jaxutil.user_debug_info(f"fungrad.{impl.__name__[1:-5]}", fun, args, nums)
     captured, consts = capture(_partial_args(fun, args, nums, kwargs), dyn_tree, dyn_leaves,

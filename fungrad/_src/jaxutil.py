@@ -945,3 +945,13 @@ def capture_jaxpr(fun: Callable, avals: Sequence[Any], sources: Sequence[Any],
     if core.internal_mutable_array_effect in jaxpr.effects:
         closed = discharge_refs(closed)
     return closed
+
+
+# --- fungrad.explain: where an equation comes from -----------------------------------------
+
+
+def user_frames(eqn: JaxprEqn) -> list[tuple[str, int, str]]:
+    """`(file, line, function)` of each frame outside jax and the standard library in the
+    traceback jax recorded for `eqn`, innermost first (fungrad's own frames included)."""
+    return [(f.file_name, f.start_line, f.function_name)
+            for f in source_info_util.user_frames(eqn.source_info.traceback)]
