@@ -15,6 +15,7 @@ from fungrad._src.caching import clear_caches
 from fungrad._src.custom_derivatives import custom_jvp, custom_vjp
 from fungrad._src.debug_nans import NonFiniteDerivativeError, debug_nans
 from fungrad._src.explain import explain
+from fungrad._src.jet import jet
 from fungrad._src.loops import while_snapshots
 from fungrad._src.sparsity import hessian_sparsity, jacobian_sparsity
 from fungrad._src.structured import (
@@ -49,6 +50,7 @@ __all__ = [
     "jacobian",
     "jacobian_sparsity",
     "jacrev",
+    "jet",
     "jvp",
     "linearize",
     "sparse_hessian",

@@ -45,6 +45,34 @@ def test_statuses_follow_the_rule_tables():
         rules.not_applicable.discard(fake)
 
 
+def test_taylor_column_follows_the_rule_tables():
+    from fungrad._src.taylor import taylor_rules
+
+    rows = {row.name: row for row in coverage.coverage_table()}
+    assert {row.taylor for row in rows.values()} <= set(coverage.TAYLOR_STATUSES)
+    assert sum(coverage.taylor_totals(list(rows.values())).values()) == len(rows)
+    for name in ("sin", "exp", "mul", "dot_general", "scan", "cond", "while", "jit", "custom_jvp_call"):
+        assert rows[name].taylor == "rule", name
+    assert rows["lgamma"].taylor == "via-jvp"  # no recurrence: the generic rule from its JVP
+    assert rows["lt"].taylor == "zero"
+    fake = Primitive("fungrad_test_fake_taylor")
+    assert coverage.taylor_status_of(fake) == "-"
+    rules.jvp_rules[fake] = lambda primals, tangents: (primals[0], tangents[0])
+    try:
+        assert coverage.taylor_status_of(fake) == "via-jvp"
+        taylor_rules[fake] = lambda primals, series: (primals[0], series[0])
+        assert coverage.taylor_status_of(fake) == "rule"
+    finally:
+        rules.jvp_rules.pop(fake)
+        taylor_rules.pop(fake, None)
+
+
+def test_every_differentiable_core_primitive_has_a_taylor_path():
+    rows = {row.name: row for row in coverage.coverage_table()}
+    without = [name for name in CORE if rows[name].taylor == "-"]
+    assert not without, f"fungrad.jet cannot handle: {without}"
+
+
 def test_core_primitives_are_covered():
     for name in CORE:  # each name must exist in this jax, else the list is wrong
         assert hasattr(jax_primitives, f"{name}_p"), name
@@ -70,13 +98,14 @@ def test_linear_core_primitives_can_be_transposed():
 def test_printed_table(capsys):
     coverage.main([])
     out = capsys.readouterr().out
-    assert out.splitlines()[0].split() == ["primitive", "status"]
+    assert out.splitlines()[0].split() == ["primitive", "status", "taylor"]
     assert "totals: jvp+transpose" in out
+    assert "taylor (fungrad.jet): rule" in out
     for row in coverage.coverage_table()[:5]:
         assert row.name in out
     coverage.main(["--status", "zero-derivative"])
     lines = capsys.readouterr().out.splitlines()
-    assert all("zero-derivative" in line for line in lines[2:-2])
+    assert lines[-3] == "" and all("zero-derivative" in line for line in lines[2:-3])
 
 
 # --- against jax's own rule table (read here only: jax is the reference in tests) -----

@@ -29,6 +29,8 @@ class NonFiniteDerivativeError(FloatingPointError):
     """A fungrad transform made a nan or inf derivative from finite inputs, under
     :func:`debug_nans`; the message names the rule, the user's line and a fix."""
 
+    __module__ = "fungrad"
+
 
 @contextlib.contextmanager
 def debug_nans(enabled: bool = True) -> Iterator[None]:
