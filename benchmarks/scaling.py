@@ -56,7 +56,7 @@ def transform(lib, name: str, f: Callable) -> Callable:
     raise ValueError(f"unknown transform {name!r}")
 
 
-# while loops have no reverse mode, in jax as in fungrad.
+# jax has no reverse mode through while loops to compare fungrad's with.
 CASES = [(kind, t) for kind in ("cond", "switch", "scan", "while")
          for t in (("jvp",) if kind == "while" else ("grad", "hessian", "jvp"))]
 

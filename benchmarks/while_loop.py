@@ -62,14 +62,16 @@ def main(argv=None) -> None:
     parser.add_argument("--trips", type=int, nargs="+", default=[10, 1_000, 100_000])
     parser.add_argument("--width", type=int, default=1024, help="size of the carried vector")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--slots", type=int, default=64, help="fungrad.while_snapshots(slots)")
     args = parser.parse_args(argv)
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, carry {args.width} x float32, "
-          f"{fungrad.while_snapshots.__name__}: default 64 slots\n")
+          f"fungrad.while_snapshots({args.slots})\n")
     print("| trips | fungrad time | jax (scan) time | ratio | fungrad temp MB | jax temp MB | "
           "mem ratio | rel. err |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for trips in args.trips:
-        r = measure(trips, args.width, args.repeats)
+        with fungrad.while_snapshots(args.slots):
+            r = measure(trips, args.width, args.repeats)
         print(f"| {trips:,} | {r['time'] * 1e3:.2f} ms | {r['time_jax'] * 1e3:.2f} ms | "
               f"{r['time'] / r['time_jax']:.2f} | {r['mem'] / 1e6:.2f} | {r['mem_jax'] / 1e6:.2f} | "
               f"{r['mem'] / max(r['mem_jax'], 1):.3f} | {r['err']:.1e} |", flush=True)
