@@ -566,11 +566,7 @@ def jacfwd(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = Fals
     @jaxutil.api_boundary
     @functools.wraps(fun)
     def jacfwd_f(*args, **kwargs):
-        nums = api_util.argnums_tuple(argnums, len(args), fname)
-        dyn = tuple(args[i] for i in nums)
-        api_util.check_diff_args(args, nums, fname)
-        for x in tree_util.tree_leaves(dyn):
-            api_util.check_jacfwd_input_dtype(x, holomorphic=holomorphic, fname=fname)
+        nums = api_util.forward_argnums(argnums, args, fname, holomorphic)
         return _eager_transform(_jacfwd_impl, (isinstance(argnums, int), has_aux, chunk_size), fun,
                                 args, kwargs, nums)
 

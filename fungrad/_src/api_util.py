@@ -107,6 +107,17 @@ def check_jacfwd_input_dtype(x: Any, *, holomorphic: bool, fname: str) -> None:
             f"complex inputs or integer inputs, use fungrad.jvp directly.")
 
 
+def forward_argnums(argnums: int | Sequence[int], args: Sequence[Any], fname: str,
+                    holomorphic: bool = False) -> tuple[int, ...]:
+    """The differentiated positions of a forward-mode Jacobian, each argument checked:
+    arrays of real floats (complex with `holomorphic`)."""
+    nums = argnums_tuple(argnums, len(args), fname)
+    check_diff_args(args, nums, fname)
+    for x in tree_util.tree_leaves(tuple(args[i] for i in nums)):
+        check_jacfwd_input_dtype(x, holomorphic=holomorphic, fname=fname)
+    return nums
+
+
 def check_scalar_output(out: Any, *, holomorphic: bool, fname: str) -> None:
     aval = jaxutil.typeof(out)
     if aval.shape != ():

@@ -20,7 +20,7 @@ from jax import lax, tree_util
 from fungrad._src import api_util, jaxutil, linearize, rules
 from fungrad._src import primitives as _primitives  # noqa: F401  (registers the JVP rules)
 from fungrad._src.jaxutil import ClosedJaxpr, Jaxpr, JaxprEqn, Literal, prims
-from fungrad._src.jvp import fill
+from fungrad._src.jvp import fill, partition
 from fungrad._src.taylor import Series, order_of, taylor_rules
 from fungrad._src.zeros import Zero, is_zero
 
@@ -237,8 +237,8 @@ taylor_rules[prims.cond_p] = _cond  # cond(i, jet(branch_i)): the series share o
 
 def _scan(primals, series, *, jaxpr, num_consts, num_carry, length, reverse, unroll, **params):
     del params
-    consts, init, xs = _split(primals, num_consts, num_carry)
-    c_s, i_s, x_s = _split(series, num_consts, num_carry)
+    consts, init, xs = partition(primals, num_consts, num_carry)
+    c_s, i_s, x_s = partition(series, num_consts, num_carry)
     order = order_of(series)
     c_nz, x_nz = [s is not None for s in c_s], [s is not None for s in x_s]
     carry_nz = _carry_layout(jaxpr.jaxpr, c_nz, [s is not None for s in i_s], x_nz)
@@ -260,8 +260,8 @@ taylor_rules[prims.scan_p] = _scan  # scan over (carry, carry series), (xs, xs s
 
 
 def _while(primals, series, *, cond_jaxpr, body_jaxpr, cond_nconsts, body_nconsts):
-    cconsts, bconsts, init = _split(primals, cond_nconsts, body_nconsts)
-    _, b_s, i_s = _split(series, cond_nconsts, body_nconsts)
+    cconsts, bconsts, init = partition(primals, cond_nconsts, body_nconsts)
+    _, b_s, i_s = partition(series, cond_nconsts, body_nconsts)
     order = order_of(series)
     carry_nz = _carry_layout(body_jaxpr.jaxpr, [s is not None for s in b_s], [s is not None for s in i_s])
 
@@ -278,16 +278,8 @@ def _while(primals, series, *, cond_jaxpr, body_jaxpr, cond_nconsts, body_nconst
 taylor_rules[prims.while_p] = _while  # while over (carry, carry series); cond reads the carry
 
 
-def _split(xs: Sequence[Any], *sizes: int) -> list[list[Any]]:
-    out, start = [], 0
-    for n in sizes:
-        out.append(list(xs[start:start + n]))
-        start += n
-    out.append(list(xs[start:]))
-    return out
-
-
 # --- the public function ----------------------------------------------------------------------
+
 
 @jaxutil.api_boundary
 def jet(fun: Callable, primals: Sequence[Any], series: Sequence[Sequence[Any]]) -> tuple[Any, Any]:

@@ -64,6 +64,16 @@ def merge(mask: Sequence[bool], when_true: Sequence[Any], when_false: Sequence[A
     return out
 
 
+def partition(xs: Sequence[Any], *sizes: int) -> list[list[Any]]:
+    """`xs` cut into consecutive pieces of the given sizes, and the rest."""
+    pieces, start = [], 0
+    for n in sizes:
+        pieces.append(list(xs[start:start + n]))
+        start += n
+    pieces.append(list(xs[start:]))
+    return pieces
+
+
 def fill(mask: Sequence[bool], values: Sequence[Any], defaults: Sequence[Any]) -> list:
     """`defaults` with the positions where `mask` is set taken, in order, from `values`."""
     it = iter(values)

@@ -277,10 +277,7 @@ def _signature(x: Any) -> Any:
 @jaxutil.api_boundary
 def _call_prepared(prepared: SparseJacobian, args: tuple, kwargs: dict) -> Any:
     fname = prepared._fname
-    nums = api_util.argnums_tuple(prepared.argnums, len(args), fname)
-    api_util.check_diff_args(args, nums, fname)
-    for x in tree_util.tree_leaves(tuple(args[i] for i in nums)):
-        api_util.check_jacfwd_input_dtype(x, holomorphic=False, fname=fname)
+    nums = api_util.forward_argnums(prepared.argnums, args, fname)
     plan = prepared.plan_for(args, kwargs, nums)
     single = isinstance(prepared.argnums, (int, np.integer))
     config = (plan, prepared._with_value, prepared.chunk_size, single, fname)
@@ -514,10 +511,7 @@ def hessian_diag(fun: Callable, argnums: int | Sequence[int] = 0, sparsity: Any 
     @jaxutil.api_boundary
     @functools.wraps(fun)
     def hessian_diag_f(*args, **kwargs):
-        nums = api_util.argnums_tuple(argnums, len(args), fname)
-        api_util.check_diff_args(args, nums, fname)
-        for x in tree_util.tree_leaves(tuple(args[i] for i in nums)):
-            api_util.check_jacfwd_input_dtype(x, holomorphic=False, fname=fname)
+        nums = api_util.forward_argnums(argnums, args, fname)
         single = isinstance(argnums, (int, np.integer))
         return api._eager_transform(_dense_diag_impl, (single, chunk_size), fun, args, kwargs, nums)
 
@@ -570,10 +564,7 @@ def jacobian(fun: Callable, argnums: int | Sequence[int] = 0, mode: str = "auto"
     @jaxutil.api_boundary
     @functools.wraps(fun)
     def jacobian_f(*args, **kwargs):
-        nums = api_util.argnums_tuple(argnums, len(args), fname)
-        api_util.check_diff_args(args, nums, fname)
-        for x in tree_util.tree_leaves(tuple(args[i] for i in nums)):
-            api_util.check_jacfwd_input_dtype(x, holomorphic=False, fname=fname)
+        nums = api_util.forward_argnums(argnums, args, fname)
         config = (isinstance(argnums, (int, np.integer)), has_aux, mode, chunk_size)
         return api._eager_transform(_jacobian_impl, config, fun, args, kwargs, nums)
 

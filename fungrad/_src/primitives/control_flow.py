@@ -23,7 +23,7 @@ from jax.ad_checkpoint import Recompute
 
 from fungrad._src import jaxutil, linearize, loops, rules
 from fungrad._src.jaxutil import ClosedJaxpr, Jaxpr, JaxprEqn, Literal, Var, prims
-from fungrad._src.jvp import fill, jvp_closed, jvp_program, merge
+from fungrad._src.jvp import fill, jvp_closed, jvp_program, merge, partition
 from fungrad._src.primitives.higher_order import transpose_of_closed
 from fungrad._src.rules import is_undefined
 from fungrad._src.zeros import Zero, add_tangents, has_tangent_space, instantiate, is_zero
@@ -31,19 +31,9 @@ from fungrad._src.zeros import Zero, add_tangents, has_tangent_space, instantiat
 # --- helpers: jaxprs rearranged, traced in forward mode, split ---------------------------
 
 
-def _split(xs: Sequence[Any], *sizes: int) -> list[list[Any]]:
-    """`xs` cut into consecutive pieces of the given sizes, and the rest."""
-    pieces, start = [], 0
-    for n in sizes:
-        pieces.append(list(xs[start:start + n]))
-        start += n
-    pieces.append(list(xs[start:]))
-    return pieces
-
-
 def _blocks(*sizes: int) -> list[list[int]]:
     """Consecutive index ranges of the given sizes: `_blocks(2, 1) == [[0, 1], [2]]`."""
-    return _split(range(sum(sizes)), *sizes)[:-1]
+    return partition(range(sum(sizes)), *sizes)[:-1]
 
 
 def _permuted(closed: ClosedJaxpr, in_order: Sequence[int], out_order: Sequence[int]) -> ClosedJaxpr:
@@ -253,7 +243,7 @@ rules.transpose_rules[prims.cond_p] = _cond_transpose  # cond(i, transpose(branc
 
 def _scan_jvp(primals, tangents, *, jaxpr, num_consts, num_carry, **params):
     nonzeros = [not is_zero(t) for t in tangents]
-    const_nz, init_nz, xs_nz = _split(nonzeros, num_consts, num_carry)
+    const_nz, init_nz, xs_nz = partition(nonzeros, num_consts, num_carry)
     n_ys = len(jaxpr.out_avals) - num_carry
 
     def step(carry_nz):
@@ -268,15 +258,15 @@ def _scan_jvp(primals, tangents, *, jaxpr, num_consts, num_carry, **params):
                                      sum(carry_nz), sum(xs_nz))
     ok, oy, odk, ody = _blocks(n_k, n_ys, sum(carry_nz), sum(out_nz[n_k:]))
     body = _permuted(body, [*b, *c, *dc, *k, *dk, *x, *dx], [*ok, *odk, *oy, *ody])
-    consts, init, xs = _split(primals, num_consts, num_carry)
-    const_dots, init_dots, xs_dots = _split(tangents, num_consts, num_carry)
+    consts, init, xs = partition(primals, num_consts, num_carry)
+    const_dots, init_dots, xs_dots = partition(tangents, num_consts, num_carry)
     outs = prims.scan_p.bind(
         *body_consts, *consts, *(t for t in const_dots if not is_zero(t)),
         *init, *(instantiate(t) for t, nz in zip(init_dots, carry_nz, strict=True) if nz),
         *xs, *(t for t in xs_dots if not is_zero(t)),
         jaxpr=body, num_consts=len(body_consts) + n_c + sum(const_nz),
         num_carry=n_k + sum(carry_nz), **params)
-    carry, carry_dots, ys, ys_dots = _split(outs, n_k, sum(carry_nz), n_ys)
+    carry, carry_dots, ys, ys_dots = partition(outs, n_k, sum(carry_nz), n_ys)
     zeros = [Zero(a.to_tangent_aval()) for a in jaxpr.out_avals]
     return [*carry, *ys], fill([*carry_nz, *out_nz[n_k:]], [*carry_dots, *ys_dots], zeros)
 
@@ -296,7 +286,7 @@ def _scan_partial_eval(eqn: JaxprEqn, unknowns: Sequence[bool]):
     body: ClosedJaxpr = params["jaxpr"]
     n_c, n_k = params["num_consts"], params["num_carry"]
     n_ys = len(body.out_avals) - n_k
-    const_uk, init_uk, xs_uk = _split(unknowns, n_c, n_k)
+    const_uk, init_uk, xs_uk = partition(unknowns, n_c, n_k)
 
     def step(carry_uk):
         uk = [*const_uk, *carry_uk, *xs_uk]
@@ -338,12 +328,12 @@ def _scan_partial_eval(eqn: JaxprEqn, unknowns: Sequence[bool]):
     if not any(out_uk):
         return [*hoist_eqns, known_eqn], [], out_uk
 
-    uk_c, uk_k, uk_x = _split(split.staged.invars[split.num_res:], const_uk.count(True),
+    uk_c, uk_k, uk_x = partition(split.staged.invars[split.num_res:], const_uk.count(True),
                               carry_uk.count(True))
     staged_body = jaxutil.new_jaxpr(
         [], [*invariant, *uk_c, *uk_k, *stacked, *forwarded, *uk_x],
         split.staged.outvars, split.staged.eqns)
-    consts, init, xs = _split(eqn.invars, n_c, n_k)
+    consts, init, xs = partition(eqn.invars, n_c, n_k)
     staged_in = [*invariant_atoms, *(x for x, u in zip(consts, const_uk, strict=True) if u),
                  *(x for x, u in zip(init, carry_uk, strict=True) if u),
                  *stacked_vars, *(outer[r] for r in forwarded),
@@ -367,17 +357,17 @@ def _scan_transposed_body(body: ClosedJaxpr, undefined: tuple[bool, ...],
     xs: (known xs, nonzero ct of ys) -> ys: ct of linear xs.
     """
     t_body = transpose_of_closed(body, undefined, ct_nonzeros)
-    const_u, _, xs_u = _split(undefined, num_consts, num_carry)
+    const_u, _, xs_u = partition(undefined, num_consts, num_carry)
     n_kc, n_lc, n_kx = const_u.count(False), const_u.count(True), xs_u.count(False)
 
     def fun(*args):
-        known_c, acc, ct_carry, known_x, ct_ys = _split(args, n_kc, n_lc, num_carry, n_kx)
+        known_c, acc, ct_carry, known_x, ct_ys = partition(args, n_kc, n_lc, num_carry, n_kx)
         cts = jaxutil.eval_jaxpr(t_body.jaxpr, t_body.consts, *known_c, *known_x, *ct_carry, *ct_ys)
-        ct_consts, ct_init, ct_xs = _split(cts, n_lc, num_carry)
+        ct_consts, ct_init, ct_xs = partition(cts, n_lc, num_carry)
         return [*map(lax.add, acc, ct_consts), *ct_init, *ct_xs]
 
     in_avals = body.in_avals
-    consts_av, carry_av, xs_av = _split(in_avals, num_consts, num_carry)
+    consts_av, carry_av, xs_av = partition(in_avals, num_consts, num_carry)
     ct_avals = [a.to_tangent_aval() for a, nz in zip(body.out_avals, ct_nonzeros, strict=True) if nz]
     avals = [*(a for a, u in zip(consts_av, const_u, strict=True) if not u),
              *(a.to_tangent_aval() for a, u in zip(consts_av, const_u, strict=True) if u),
@@ -387,10 +377,10 @@ def _scan_transposed_body(body: ClosedJaxpr, undefined: tuple[bool, ...],
 
 
 def _scan_transpose(cts, *args, jaxpr, num_consts, num_carry, reverse, **params):
-    consts, init, xs = _split(args, num_consts, num_carry)
+    consts, init, xs = partition(args, num_consts, num_carry)
     # The carries are linear all through; a known initial carry is a zero tangent.
     undefined = tuple([*map(is_undefined, consts), *[True] * num_carry, *map(is_undefined, xs)])
-    ct_carry, ct_ys = _split(cts, num_carry)
+    ct_carry, ct_ys = partition(cts, num_carry)
     ct_nonzeros = (*[True] * num_carry, *(not is_zero(ct) for ct in ct_ys))
     body = _scan_transposed_body(jaxpr, undefined, ct_nonzeros, num_consts, num_carry)
     lin_consts = [x for x in consts if is_undefined(x)]
@@ -400,7 +390,7 @@ def _scan_transpose(cts, *args, jaxpr, num_consts, num_carry, reverse, **params)
         *(x for x in xs if not is_undefined(x)), *(ct for ct in ct_ys if not is_zero(ct)),
         jaxpr=body, num_consts=len(consts) - len(lin_consts),
         num_carry=len(lin_consts) + num_carry, reverse=not reverse, **params)
-    ct_consts, ct_init, ct_xs = _split(outs, len(lin_consts), num_carry)
+    ct_consts, ct_init, ct_xs = partition(outs, len(lin_consts), num_carry)
     const_u, xs_u = [is_undefined(x) for x in consts], [is_undefined(x) for x in xs]
     return [*merge(const_u, ct_consts, [None] * const_u.count(False)),
             *(ct if is_undefined(x) else None for x, ct in zip(init, ct_init, strict=True)),
@@ -417,7 +407,7 @@ rules.transpose_rules[prims.scan_p] = _scan_transpose  # reversed scan of the tr
 
 def _while_jvp(primals, tangents, *, cond_jaxpr, body_jaxpr, cond_nconsts, body_nconsts):
     nonzeros = [not is_zero(t) for t in tangents]
-    _, bconst_nz, init_nz = _split(nonzeros, cond_nconsts, body_nconsts)
+    _, bconst_nz, init_nz = partition(nonzeros, cond_nconsts, body_nconsts)
 
     def step(carry_nz):
         return _out_nonzeros(body_jaxpr, [*bconst_nz, *carry_nz])
@@ -433,14 +423,14 @@ def _while_jvp(primals, tangents, *, cond_jaxpr, body_jaxpr, cond_nconsts, body_
                 zip(body_jaxpr.out_avals, carry_nz, strict=True) if nz]
     cond = ClosedJaxpr(jaxutil.new_jaxpr(cond.constvars, [*cond.invars, *dot_vars],
                                          cond.outvars, cond.eqns), cond_jaxpr.consts)
-    cconsts, bconsts, init = _split(primals, cond_nconsts, body_nconsts)
-    _, bconst_dots, init_dots = _split(tangents, cond_nconsts, body_nconsts)
+    cconsts, bconsts, init = partition(primals, cond_nconsts, body_nconsts)
+    _, bconst_dots, init_dots = partition(tangents, cond_nconsts, body_nconsts)
     outs = prims.while_p.bind(
         *cconsts, *body_consts, *bconsts, *(t for t in bconst_dots if not is_zero(t)),
         *init, *(instantiate(t) for t, nz in zip(init_dots, carry_nz, strict=True) if nz),
         cond_jaxpr=cond, body_jaxpr=body, cond_nconsts=cond_nconsts,
         body_nconsts=len(body_consts) + body_nconsts + sum(bconst_nz))
-    carry, carry_dots = _split(outs, len(init))
+    carry, carry_dots = partition(outs, len(init))
     zeros = [Zero(a.to_tangent_aval()) for a in body_jaxpr.out_avals]
     return carry, fill(carry_nz, carry_dots, zeros)
 
@@ -461,7 +451,7 @@ def _while_partial_eval(eqn: JaxprEqn, unknowns: Sequence[bool]):
     """
     p = eqn.params
     cond, body = p["cond_jaxpr"], p["body_jaxpr"]
-    cconst_uk, bconst_uk, init_uk = _split(unknowns, p["cond_nconsts"], p["body_nconsts"])
+    cconst_uk, bconst_uk, init_uk = partition(unknowns, p["cond_nconsts"], p["body_nconsts"])
 
     def step(carry_uk):
         return linearize.partial_eval(body.jaxpr, [*bconst_uk, *carry_uk]).out_unknowns
@@ -471,7 +461,7 @@ def _while_partial_eval(eqn: JaxprEqn, unknowns: Sequence[bool]):
     if cond_split.out_unknowns[0]:
         return [], [eqn], [True] * len(eqn.outvars)
     body_split = linearize.partial_eval(body.jaxpr, [*bconst_uk, *carry_uk], instantiate=carry_uk)
-    cconsts, bconsts, init = _split(eqn.invars, p["cond_nconsts"], p["body_nconsts"])
+    cconsts, bconsts, init = partition(eqn.invars, p["cond_nconsts"], p["body_nconsts"])
     known_eqn = jaxutil.new_eqn(
         [*(x for x, u in zip(cconsts, cconst_uk, strict=True) if not u),
          *(x for x, u in zip(bconsts, bconst_uk, strict=True) if not u),
@@ -488,7 +478,7 @@ def _while_partial_eval(eqn: JaxprEqn, unknowns: Sequence[bool]):
 
 
 def _while_transpose(cts, *args, cond_jaxpr, body_jaxpr, cond_nconsts, body_nconsts):
-    cconsts, bconsts, init = _split(args, cond_nconsts, body_nconsts)
+    cconsts, bconsts, init = partition(args, cond_nconsts, body_nconsts)
     assert not any(map(is_undefined, cconsts)), "a loop's condition is never linear"
     bconst_u = tuple(map(is_undefined, bconsts))
 
@@ -506,7 +496,7 @@ def _while_transpose(cts, *args, cond_jaxpr, body_jaxpr, cond_nconsts, body_ncon
         *(x for x, u in zip(bconsts, bconst_u, strict=True) if not u),
         *(x for x, u in zip(init, carry_u, strict=True) if not u),
         *(instantiate(ct) for ct, u in zip(cts, carry_u, strict=True) if u))
-    ct_bconsts, ct_carry = _split(outs, sum(bconst_u))
+    ct_bconsts, ct_carry = partition(outs, sum(bconst_u))
     ct_init = merge(carry_u, ct_carry, [None] * carry_u.count(False))
     return [*[None] * cond_nconsts, *merge(bconst_u, ct_bconsts, [None] * bconst_u.count(False)),
             *(ct if is_undefined(x) else None for x, ct in zip(init, ct_init, strict=True))]
@@ -525,7 +515,7 @@ def _reversed_while(body: ClosedJaxpr, cond: ClosedJaxpr, cond_nconsts: int,
     lin_consts = [a for a, u in zip(body.in_avals, bconst_u, strict=False) if u]
 
     def fun(*args):
-        cconsts, consts, init, ct_carry = _split(args, n_c, n_kb, n_kc)
+        cconsts, consts, init, ct_carry = partition(args, n_c, n_kb, n_kc)
         ct_consts = [jaxutil.zeros_like_aval(a.to_tangent_aval()) for a in lin_consts]
         ct_consts, ct_carry = loops.reverse(loop, cconsts, consts, init, ct_consts, ct_carry, slots)
         return [*ct_consts, *ct_carry]
@@ -718,7 +708,7 @@ def _linear_solve_transpose(cts, *args, const_lengths, jaxprs):
     consts, b = args[:n_consts], args[n_consts:]
     assert not any(map(is_undefined, consts)), "a linear solve is linear in b only"
     assert all(is_zero(ct) for ct in cts[len(b):]), "aux outputs of a solve have no cotangent"
-    groups = _split(consts, *const_lengths)[:-1]
+    groups = partition(consts, *const_lengths)[:-1]
     t_consts = [x for g in (groups[1], groups[0], groups[3], groups[2]) for x in g]
     ct_b = prims.linear_solve_p.bind(  # b = A^{-T} ct
         *t_consts, *map(instantiate, cts[:len(b)]),
