@@ -338,6 +338,44 @@ def test_a_python_scalar_argument_does_not_compile_a_program_per_value(monkeypat
     assert len(calls) <= 2  # run op by op once, traced for compilation once
 
 
+@jax.custom_vjp
+def _scaled_sin(x):
+    return jnp.sin(x)
+
+
+def _scaled_sin_fwd(x):
+    return jnp.sin(x), jnp.cos(x)
+
+
+def _scaled_sin_bwd(cos_x, g):
+    return (BWD_SCALE * cos_x * g,)  # reads a global at each call, as the user wrote it
+
+
+_scaled_sin.defvjp(_scaled_sin_fwd, _scaled_sin_bwd)
+BWD_SCALE = 1.0
+
+
+def test_a_custom_vjp_program_is_shared_between_calls_and_sees_its_rules_change(monkeypatch):
+    # The call is keyed by its fwd and bwd as traced at capture: a new batch per call reuses
+    # one compiled program (forward and reverse mode), and a bwd that now reads another
+    # value is another program.
+    global BWD_SCALE
+    plain = lambda x, b: jnp.sum(jnp.sin(x) * b)  # noqa: E731  (the rule's true derivative)
+    for transform, reference, flat in [(fungrad.grad, jax.grad, "_value_and_grad_flat"),
+                                       (fungrad.jacfwd, jax.jacfwd, "_transform_flat")]:
+        calls = _count_calls(monkeypatch, flat)
+        for x in _batches(4):
+            got = transform(lambda w: jnp.sum(_scaled_sin(w) * x[0, 0]))(W[0])  # noqa: B023
+            assert_close(got, reference(lambda w: plain(w, x[0, 0]))(W[0]))  # noqa: B023
+        assert len(calls) <= 2, transform
+    try:
+        BWD_SCALE = 3.0
+        got = fungrad.grad(lambda w: jnp.sum(_scaled_sin(w)))(W[0])
+        assert_close(got, 3.0 * jnp.cos(W[0]))
+    finally:
+        BWD_SCALE = 1.0
+
+
 def test_equal_structure_with_other_constants_is_a_different_result():
     def make(c):
         return lambda x: jnp.sum(jnp.sin(x * c))

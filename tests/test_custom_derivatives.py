@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import fungrad
+from fungrad._src import jaxutil
 from tests.harness import assert_close, check_all
 
 
@@ -224,3 +225,168 @@ def test_custom_vjp_with_respect_to_closed_over_value_is_an_error():
 
     with pytest.raises(TypeError, match="closes over"):
         fungrad.grad(outer, argnums=(0, 1))(np.float32(2.0), X)
+
+
+# --- forward mode through a bwd that calls custom functions --------------------------------
+
+@jax.custom_vjp
+def _matvec(a, v):
+    return a @ v
+
+
+_matvec.defvjp(lambda a, v: (a @ v, (a, v)), lambda r, g: (jnp.outer(g, r[1]), r[0].T @ g))
+
+
+@jax.custom_jvp
+def _double(x):
+    return 2.0 * x
+
+
+_double.defjvp(lambda p, t: (_double(p[0]), 5.0 * t[0]))  # deliberately not the true JVP
+
+
+_halve_gradient = jax.custom_vjp(lambda x: x)  # as optax.scale_gradient(x, 0.5)
+_halve_gradient.defvjp(lambda x: (x, None), lambda _, g: (g * 0.5,))
+
+
+@jax.custom_vjp
+def _nested(a, x):
+    return a @ jnp.sin(x)
+
+
+def _nested_bwd(r, g):
+    a, x = r
+    # Linear in g through a custom_vjp, a custom_jvp and a scale_gradient-like call: each
+    # is transposed as what it computes (g -> a^T g, g -> 2 g, g -> g), not by its rule.
+    g_x = _halve_gradient(_matvec(a.T, _double(g))) * jnp.cos(x) / 2.0
+    return jnp.outer(g, jnp.sin(x)), g_x
+
+
+_nested.defvjp(lambda a, x: (_nested(a, x), (a, x)), _nested_bwd)
+
+
+def _plain_nested(a, x):
+    return a @ jnp.sin(x)
+
+
+def _random(*shapes, seed=0):
+    rng = np.random.default_rng(seed)
+    return [jnp.asarray(rng.standard_normal(s)) for s in shapes]
+
+
+def test_forward_mode_through_a_bwd_that_calls_linear_custom_functions():
+    a, x, a_dot, x_dot = _random((3, 4), (4,), (3, 4), (4,))
+    got = fungrad.jvp(_nested, (a, x), (a_dot, x_dot))
+    assert_close(got, jax.jvp(_plain_nested, (a, x), (a_dot, x_dot)), rtol=1e-12)
+    (u,) = _random(3, seed=1)
+    a_bar, x_bar = jax.vjp(_nested, a, x)[1](u)  # <u, J v> = <J^T u, v>, J^T by the rules
+    np.testing.assert_allclose(jnp.vdot(u, got[1]), jnp.vdot(a_bar, a_dot) + jnp.vdot(x_bar, x_dot),
+                               rtol=1e-12)
+    loss = lambda x: jnp.sum(_nested(a, x) ** 2)  # noqa: E731
+    # Forward over reverse differentiates the bwd itself, so the deliberately untrue rules
+    # of the functions it calls count: as jax's reverse over reverse (finite differences
+    # of the gradient would not see them). Forward over forward differentiates the
+    # transposed bwd, which holds what they compute: the true Hessian.
+    assert_close(fungrad.hvp(loss, (x,), (x_dot,))[0], jax.jacrev(jax.grad(loss))(x) @ x_dot,
+                 rtol=1e-12)
+    plain_loss = lambda x: jnp.sum(_plain_nested(a, x) ** 2)  # noqa: E731
+    assert_close(fungrad.jacfwd(fungrad.jacfwd(loss))(x), jax.hessian(plain_loss)(x), rtol=1e-12)
+
+
+def test_forward_mode_of_a_bwd_calling_a_nonlinear_custom_function_is_refused():
+    @jax.custom_vjp
+    def f(x):
+        return jnp.exp(x)
+
+    f.defvjp(lambda x: (f(x), x), lambda x, g: (_sin_times(g, jnp.exp(x)),))
+    with pytest.raises(TypeError, match="applies `sin` inside the custom_vjp function "
+                                        "`_sin_times` to it .*its own program"):
+        fungrad.jvp(f, (X,), (X,))
+
+    g = jax.custom_vjp(lambda x: x)
+    g.defvjp(lambda x: (x, None), lambda _, ct: (jax.nn.relu(ct),))
+    with pytest.raises(TypeError, match="inside the custom_jvp function `relu`"):
+        fungrad.jvp(g, (X,), (X,))
+
+
+def test_forward_mode_of_odeint_is_refused_with_the_reason():
+    from jax.experimental.ode import odeint
+
+    def solve(y0):
+        return odeint(lambda y, t, k: -k * y, y0, jnp.asarray([0.0, 1.0]), 0.5)[-1]
+
+    y0 = jnp.asarray([1.0, 2.0])
+    with pytest.raises(TypeError, match="(?s)_odeint_rev.*inside the custom_vjp function `_odeint`"
+                                        ".*odeint is linear in its initial state only to its tolerance"):
+        fungrad.jvp(solve, (y0,), (y0,))
+
+
+def test_forward_mode_of_a_bwd_returning_a_constant_is_refused():
+    f = jax.custom_vjp(lambda x, s: x * s)
+    f.defvjp(lambda x, s: (x * s, s), lambda s, g: (g * s, s))  # s: a state passed as "gradient"
+    with pytest.raises(TypeError, match="returns for input 1 .* does not depend on the cotangent"):
+        fungrad.jvp(f, (X, 2.0), (X, 1.0))
+    assert_close(fungrad.jvp(lambda x: f(x, 2.0), (X,), (X,)), (2.0 * X, 2.0 * X))
+
+
+# --- symbolic zeros in forward mode ------------------------------------------------------
+
+def _two_outputs_with_symbolic_zeros(seen):
+    @jax.custom_vjp
+    def f(x, y):
+        return jnp.sin(x) * y, jnp.exp(x)
+
+    def fwd(x, y):
+        seen.append(("fwd", x.perturbed, y.perturbed))
+        return f(x.value, y.value), (x.value, y.value)
+
+    def bwd(r, cts):
+        (x, y), (a, b) = r, cts
+        seen.append(("bwd", *(type(ct).__name__ for ct in cts)))
+        a_zero, b_zero = (isinstance(ct, jax.custom_derivatives.SymbolicZero) for ct in cts)
+        g_x = (0.0 if a_zero else a * jnp.cos(x) * y) + (0.0 if b_zero else b * jnp.exp(x))
+        return g_x, jnp.zeros_like(y) if a_zero else a * jnp.sin(x)
+
+    f.defvjp(fwd, bwd, symbolic_zeros=True)
+    return f
+
+
+def test_forward_mode_of_a_symbolic_zeros_custom_vjp():
+    seen: list = []
+    f = _two_outputs_with_symbolic_zeros(seen)
+    plain = lambda x, y: (jnp.sin(x) * y, jnp.exp(x))  # noqa: E731
+    x, y, v = _random(4, 4, 4)
+    for argnum in (0, 1):  # the other input's tangent is a symbolic zero
+        ours = fungrad.jvp(lambda z: f(*((z, y) if argnum == 0 else (x, z))), ((x, y)[argnum],), (v,))
+        ref = jax.jvp(lambda z: plain(*((z, y) if argnum == 0 else (x, z))), ((x, y)[argnum],), (v,))
+        assert_close(ours, ref, rtol=1e-12)
+    assert ("fwd", True, False) in seen and ("fwd", False, True) in seen
+    # Reverse mode with one output unused: its cotangent reaches bwd as a SymbolicZero; the
+    # forward mode of the same function is its adjoint.
+    u = _random(4, seed=1)[0]
+    (jtu,) = jax.vjp(lambda x: f(x, y)[1], x)[1](u)
+    assert_close(fungrad.vjp(lambda x: f(x, y)[1], x)[1](u), (jtu,), rtol=1e-12)
+    assert ("bwd", "SymbolicZero", "ArrayImpl") in seen
+    jv = fungrad.jvp(lambda x: f(x, y)[1], (x,), (v,))[1]
+    np.testing.assert_allclose(jnp.vdot(u, jv), jnp.vdot(jtu, v), rtol=1e-12)
+    assert_close(fungrad.hessian(lambda x: jnp.sum(f(x, y)[0]))(x),
+                 jax.hessian(lambda x: jnp.sum(plain(x, y)[0]))(x), rtol=1e-12)
+
+
+# --- source lines of the equations a custom_jvp rule emits -------------------------------
+
+def test_equations_of_custom_jvp_rules_carry_the_users_line():
+    def lines(fun, x):
+        jaxpr = jax.make_jaxpr(fun)(x).jaxpr
+        return {str(eqn.primitive): jaxutil.source_line(eqn) for eqn in jaxpr.eqns}
+
+    x = jnp.linspace(-1.0, 1.0, 5)
+    for fun in (fungrad.grad(lambda x: jnp.sum(jax.nn.relu(x) * 3.0)),
+                fungrad.grad(lambda x: jnp.sum(jax.nn.softmax(x) * x[::-1])),
+                fungrad.grad(lambda x: jnp.sum(jax.nn.relu(x) * x))):
+        found = lines(fun, x)
+        assert found and all(__file__ in line for prim, line in found.items()
+                             if prim != "add"), found
+    # The sum of two cotangents of `x` (used twice) is the transpose pass's own equation.
+    found = lines(fungrad.grad(lambda x: jnp.sum(jax.nn.relu(x) * 3.0)), x)
+    assert all(__file__ in line for line in found.values()), found

@@ -267,3 +267,129 @@ def test_eqx_recurrent_cell_under_scan(cell_type):
         return jnp.mean((preds - ys) ** 2)
 
     _assert_same_value_and_grad(loss, params, xs, ys)
+
+
+# --- forward mode through the custom_vjp rules of these libraries ------------------------------
+#
+# fungrad runs a custom_vjp function in forward mode by transposing its bwd (jax refuses):
+# where bwd is linear in the cotangent, fungrad's J v is the adjoint of jax's reverse mode,
+# <u, J v> = <J^T u, v>; where it is not, the error names the bwd and the reason.
+
+
+def _vdot(a, b):
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree_util.tree_leaves(a),
+                                              jax.tree_util.tree_leaves(b), strict=True))
+
+
+def _assert_adjoint(fun, primal, tangent, cotangent, rtol=1e-5):
+    jv = fungrad.jvp(fun, (primal,), (tangent,))[1]
+    (jtu,) = jax.vjp(fun, primal)[1](cotangent)
+    np.testing.assert_allclose(_vdot(cotangent, jv), _vdot(jtu, tangent), rtol=rtol)
+    return jv
+
+
+def test_forward_mode_of_optax_scale_gradient_is_scaled():
+    x, v, u = _data((6,), 0), _data((6,), 1), _data((6,), 2)
+    jv = _assert_adjoint(lambda x: optax.scale_gradient(jnp.sin(x), 0.3), x, v, u)
+    assert_close(jv, 0.3 * jnp.cos(x) * v)  # consistent with its reverse mode, not its value
+    assert_close(fungrad.jacfwd(lambda x: optax.scale_gradient(x, 0.3))(x),
+                 jax.jacrev(lambda x: optax.scale_gradient(x, 0.3))(x))
+
+
+def test_forward_mode_of_flax_fp8_ops_straight_through_and_refusals():
+    from flax.linen import fp8_ops
+
+    x, v, u = _data((8,), 0), _data((8,), 1), _data((8,), 2)
+    scale, history = jnp.ones((1,), jnp.float32), jnp.zeros((16,), jnp.float32)
+
+    def qdq(op):
+        return lambda x, s=scale, h=history: op(jnp.float32, jnp.float8_e4m3fn, x, s, h)
+
+    # in_qdq's gradient passes the cotangent straight through: so does its forward mode.
+    assert_close(_assert_adjoint(qdq(fp8_ops.in_qdq), x, v, u), v)
+    with pytest.raises(TypeError, match=r"in_qdq_bwd .* returns for input 1 .* does not depend"):
+        fungrad.jvp(lambda s: qdq(fp8_ops.in_qdq)(x, s), (scale,), (scale,))
+    with pytest.raises(TypeError, match=r"out_qdq_bwd .* applies `abs` to it .*custom_jvp rule"):
+        fungrad.jvp(qdq(fp8_ops.out_qdq), (x,), (v,))
+
+
+class _LinenCustomVjp(linen.Module):
+    """A Dense layer whose parameter gradients are scaled (`sign`ed when `sign`), with
+    linen's lifted custom_vjp, as in its documentation."""
+    sign: bool = False
+
+    @linen.compact
+    def __call__(self, x):
+        def f(mdl, x):
+            return mdl(x)
+
+        def fwd(mdl, x):
+            return linen.vjp(f, mdl, x)
+
+        def bwd(vjp_fn, y_t):
+            params_t, *inputs_t = vjp_fn(y_t)
+            change = jnp.sign if self.sign else (lambda t: 0.5 * t)
+            return (jax.tree_util.tree_map(change, params_t), *inputs_t)
+
+        return linen.custom_vjp(f, forward_fn=fwd, backward_fn=bwd)(linen.Dense(3), x)
+
+
+def test_forward_mode_of_flax_linen_custom_vjp():
+    x, u = _data((4, 5), 0), _data((4, 3), 1)
+    params = _LinenCustomVjp().init(jax.random.key(0), x)["params"]
+    v = jax.tree_util.tree_map(lambda p: _data(p.shape, 2), params)
+    apply = lambda sign: lambda p: _LinenCustomVjp(sign).apply({"params": p}, x)  # noqa: E731
+    jv = _assert_adjoint(apply(False), params, v, u)
+    assert_close(jv, 0.5 * (x @ v["Dense_0"]["kernel"] + v["Dense_0"]["bias"]))
+    with pytest.raises(TypeError, match="applies `sign` to it"):
+        fungrad.jvp(apply(True), (params,), (v,))
+
+
+@eqx.filter_custom_vjp
+def _eqx_layer(weights_and_x, activation):
+    weights, x = weights_and_x
+    return activation(x @ weights["w"])
+
+
+@_eqx_layer.def_fwd
+def _eqx_layer_fwd(perturbed, weights_and_x, activation):
+    del perturbed
+    weights, x = weights_and_x
+    pre = x @ weights["w"]
+    return activation(pre), pre
+
+
+@_eqx_layer.def_bwd
+def _eqx_layer_bwd(pre, g, perturbed, weights_and_x, activation):
+    del perturbed, activation
+    _, x = weights_and_x
+    return {"w": x.T @ (g * (1.0 - jnp.tanh(pre) ** 2)) * 2.0}, None  # deliberately doubled
+
+
+def test_forward_mode_of_equinox_filter_custom_vjp():
+    x, u = _data((4, 3), 0), _data((4, 2), 1)
+    weights, v = {"w": _data((3, 2), 2)}, {"w": _data((3, 2), 3)}
+    jv = _assert_adjoint(lambda w: _eqx_layer((w, x), jnp.tanh), weights, v, u)
+    assert_close(jv, 2.0 * (1.0 - jnp.tanh(x @ weights["w"]) ** 2) * (x @ v["w"]))
+
+
+def test_equinox_filter_custom_vjp_with_array_args():
+    # equinox marks the other array arguments with a custom_jvp rule that raises for any
+    # tangent: capture cannot trace that rule ahead, so it stays lazy and never runs.
+    @eqx.filter_custom_vjp
+    def scale(w, x):
+        return w * x
+
+    scale.def_fwd(lambda perturbed, w, x: (w * x, None))
+    scale.def_bwd(lambda res, g, perturbed, w, x: g * x)
+    x = _data((3,), 0)
+    assert_close(fungrad.grad(lambda w: jnp.sum(scale(w, x)))(x), jax.grad(lambda w: jnp.sum(scale(w, x)))(x))
+
+
+def test_forward_mode_of_jax_custom_gradient():
+    @jax.custom_gradient
+    def soft_clip(x):
+        return jnp.tanh(x), lambda g: (g * 0.25,)  # a linear, untrue rule
+
+    x, v, u = _data((5,), 0), _data((5,), 1), _data((5,), 2)
+    assert_close(_assert_adjoint(soft_clip, x, v, u), 0.25 * v)

@@ -163,6 +163,8 @@ def _eqn_params_key(eqn: Any) -> Any:
     params = eqn.params
     if eqn.primitive is jaxutil.prims.custom_jvp_call_p:
         return _custom_jvp_key(eqn)
+    if eqn.primitive is jaxutil.prims.custom_vjp_call_p:
+        return _custom_vjp_key(eqn)
     return tuple((name, _value_key(value)) for name, value in params.items())
 
 
@@ -192,6 +194,21 @@ def _custom_jvp_key(eqn: Any) -> Any:
 
 
 _rules_being_keyed = threading.local()
+
+
+def _custom_vjp_key(eqn: Any) -> Any:
+    """A custom_vjp call by its function and its fwd and bwd as traced at capture. Where
+    they were not (a bwd that branches on residual values), the call holds the user's
+    functions, which say nothing of what they compute: no key."""
+    params = eqn.params
+    rules = jaxutil.traced_vjp_rules(params)
+    if rules is None:
+        raise _Unkeyable
+    out_tree, res_tree, input_fwds = rules.trees
+    return (_value_key(params["call_jaxpr"]), params["num_consts"], params["symbolic_zeros"],
+            _jaxpr_key(rules.fwd), tuple(map(_const_key, rules.fwd_consts)),
+            _jaxpr_key(rules.bwd_jaxpr), tuple(map(_const_key, rules.bwd_consts)),
+            out_tree, res_tree, tuple(input_fwds), rules.k)
 
 
 _SMALL = 64  # constants of nested jaxprs up to this many elements are keyed by value

@@ -619,7 +619,10 @@ class _EagerTrace(_pe.DynamicJaxprTrace):
         params = dict(eqn.params)
         num_consts = params["num_consts"]
         in_zeros = (False,) * (len(eqn.in_tracers) - num_consts)
-        rule = _trace_jvp_rule(jvp, in_zeros, tracers, self._trace_rules - 1)
+        try:
+            rule = _trace_jvp_rule(jvp, in_zeros, tracers, self._trace_rules - 1)
+        except Exception:  # e.g. a rule that refuses nonzero tangents (equinox's
+            return outs   # `nondifferentiable`): it stays lazy, run only where needed
         closed_over = [c for c in rule[1] if isinstance(c, _pe.DynamicJaxprTracer)]
         if closed_over:  # the rule closes over values of this trace (a vmapped value)
             rule, in_zeros = self._pass_closed_over(eqn, params, rule, closed_over)
@@ -633,11 +636,13 @@ class _EagerTrace(_pe.DynamicJaxprTrace):
                                                out_trees=out_trees, symbolic_zeros=symbolic_zeros)
         eqn = getattr(outs[0], "parent", None) if outs else None
         if (self._trace_rules <= 0 or symbolic_zeros or eqn is None or eqn.primitive is not prim
-                or getattr(_rebinding_state, "depth", 0) or not eqn.params["num_consts"]):
+                or getattr(_rebinding_state, "depth", 0)
+                or (self._trace_rules == 1 and not eqn.params["num_consts"])):
             return outs
-        # The function closes over values of this trace: its fwd and bwd may too (a value
-        # vmapped inside the differentiated function). Trace them now, while those values
-        # live, and pass the ones they read as arguments of the call.
+        # Trace fwd and bwd now, while this trace is live: they may close over its values
+        # (a value vmapped inside the differentiated function), which are then passed as
+        # arguments of the call; and as jaxprs they key the call by what they compute
+        # (`traced_vjp_rules`), so that programs holding it are shared between calls.
         params = dict(eqn.params)
         try:
             fwd_rule, trees, bwd_rule = self._trace_vjp_rules(eqn, params, fwd)
@@ -702,18 +707,11 @@ class _EagerTrace(_pe.DynamicJaxprTrace):
         new_fwd, new_fwd_consts = _consts_as_leading_inputs(fwd_rule[0], fwd_rule[1], extra)
         new_bwd, new_bwd_consts = _consts_as_leading_inputs(bwd_rule[0], bwd_rule[1], extra)
 
-        def fwd_thunk(*nonzeros):
-            return new_fwd, new_fwd_consts
-
-        def bwd_fun(*res_and_cts):
-            cts = eval_jaxpr(new_bwd, new_bwd_consts, *res_and_cts)
-            return [None] * k + list(cts)
-
-        def new_out_trees():
-            out_tree, res_tree, input_fwds = trees
-            shifted = [f if f is None or f < num_consts else f + k for f in input_fwds]
-            res_tree = jax.tree_util.tree_structure([0] * (k + res_tree.num_leaves))
-            return out_tree, res_tree, [*range(num_consts, num_consts + k), *shifted]
+        out_tree, res_tree, input_fwds = trees
+        shifted = [f if f is None or f < num_consts else f + k for f in input_fwds]
+        res_tree = jax.tree_util.tree_structure([0] * (k + res_tree.num_leaves))
+        new_trees = (out_tree, res_tree, [*range(num_consts, num_consts + k), *shifted])
+        rules = _TracedVjpRules(new_fwd, new_fwd_consts, new_bwd, new_bwd_consts, new_trees, k)
 
         call = params["call_jaxpr"]
         invars = list(call.jaxpr.invars)
@@ -721,9 +719,9 @@ class _EagerTrace(_pe.DynamicJaxprTrace):
             *invars[:num_consts], *(Var(x.aval) for x in extra), *invars[num_consts:]]),
             call.consts)
         params["fwd_jaxpr_thunk"] = _lu.wrap_init(
-            fwd_thunk, debug_info=params["fwd_jaxpr_thunk"].debug_info)
-        params["bwd"] = _lu.wrap_init(bwd_fun, debug_info=params["bwd"].debug_info)
-        params["out_trees"] = new_out_trees
+            rules.fwd_thunk, debug_info=params["fwd_jaxpr_thunk"].debug_info)
+        params["bwd"] = _lu.wrap_init(rules.bwd, debug_info=params["bwd"].debug_info)
+        params["out_trees"] = rules.out_trees
         eqn.in_tracers = [*eqn.in_tracers[:num_consts], *extra_tracers,
                           *eqn.in_tracers[num_consts:]]
 
@@ -814,6 +812,33 @@ class _EagerTrace(_pe.DynamicJaxprTrace):
                     known[v] = out
         var = root.val
         return var.val if type(var) is Literal else known[var]
+
+
+class _TracedVjpRules:
+    """A custom_vjp call's fwd and bwd as the jaxprs traced at capture, in the shapes jax
+    calls them (a thunk giving the fwd jaxpr, a bwd function, the trees); `k` leading
+    arguments were closure-converted and get no cotangent."""
+
+    def __init__(self, fwd: Jaxpr, fwd_consts: list, bwd: Jaxpr, bwd_consts: list,
+                 trees: tuple, k: int):
+        self.fwd, self.fwd_consts, self.bwd_jaxpr, self.bwd_consts = fwd, fwd_consts, bwd, bwd_consts
+        self.trees, self.k = trees, k
+
+    def fwd_thunk(self, *nonzeros):
+        return self.fwd, self.fwd_consts
+
+    def bwd(self, *res_and_cts):
+        return [None] * self.k + list(eval_jaxpr(self.bwd_jaxpr, self.bwd_consts, *res_and_cts))
+
+    def out_trees(self):
+        return self.trees
+
+
+def traced_vjp_rules(params: dict) -> _TracedVjpRules | None:
+    """The fwd and bwd of a custom_vjp call as traced at capture, or None where the call
+    holds the user's functions (traced lazily, when differentiated)."""
+    owner = getattr(params["out_trees"], "__self__", None)
+    return owner if isinstance(owner, _TracedVjpRules) else None
 
 
 def _consts_as_leading_inputs(jaxpr: Jaxpr, consts: list, extra: list) -> tuple[Jaxpr, list]:
@@ -955,3 +980,28 @@ def user_frames(eqn: JaxprEqn) -> list[tuple[str, int, str]]:
     traceback jax recorded for `eqn`, innermost first (fungrad's own frames included)."""
     return [(f.file_name, f.start_line, f.function_name)
             for f in source_info_util.user_frames(eqn.source_info.traceback)]
+
+
+# --- custom_jvp rules: their equations carry the user's line --------------------------------
+
+
+def eval_jaxpr_at_current_line(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any) -> list[Any]:
+    """`eval_jaxpr`, with each top-level equation bound under the current source line (the
+    user's, set by `rule_context`) instead of its own: for a rule's jaxpr traced inside
+    fungrad (a custom_jvp rule), whose own lines are fungrad's or the library's."""
+    here = source_info_util.current()
+    env: dict[Any, Any] = {}
+
+    def read(v):
+        return v.val if type(v) is Literal else env[v]
+
+    env.update(zip([*jaxpr.constvars, *jaxpr.invars], [*consts, *args], strict=True))
+    for eqn in jaxpr.eqns:
+        moved = eqn.replace(source_info=eqn.source_info.replace(traceback=here.traceback))
+        env.update(zip(eqn.outvars, bind_eqn(moved, [read(v) for v in eqn.invars]), strict=True))
+    return [read(v) for v in jaxpr.outvars]
+
+
+# The tracer methods above run inside the user's calls (a custom_jvp call under capture): jax
+# names the user's line of what they emit, not this module's.
+source_info_util.register_exclusion(os.path.abspath(__file__))

@@ -9,11 +9,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from jax import lax, tree_util
 
 from fungrad._src import jaxutil, linearize, rules, transpose
 from fungrad._src.jaxutil import ClosedJaxpr, JaxprEqn, Literal, Primitive, Var, prims
-from fungrad._src.jvp import fill, jvp_closed, jvp_program, merge
+from fungrad._src.jvp import fill, jvp_closed, jvp_program, merge, partition
 from fungrad._src.rules import UndefinedPrimal, is_undefined
 from fungrad._src.zeros import Zero, instantiate, is_zero
 
@@ -119,19 +120,56 @@ def _custom_jvp_call_jvp(primals, tangents, *, call_jaxpr, jvp_jaxpr_fun, num_co
         in_zeros = [False] * len(arg_dots)
         nz_dots = [instantiate(t) for t in arg_dots]
     jaxpr, consts, out_zeros = jaxutil.custom_jvp_rule(jvp_jaxpr_fun, in_zeros)
-    outs = jaxutil.eval_jaxpr(jaxpr, consts, *args, *nz_dots)
+    # The rule was traced inside fungrad: its equations carry the user's line of the call.
+    outs = jaxutil.eval_jaxpr_at_current_line(jaxpr, consts, *args, *nz_dots)
     n_out = len(out_zeros)
     zeros = [Zero.like(x) for x in outs[:n_out]]
     return outs[:n_out], fill([not z for z in out_zeros], outs[n_out:], zeros)
 
 
+def _transpose_inlined(closed: ClosedJaxpr, cts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
+    """The transpose of an equation running `closed` on `args`: that of `closed`, inlined."""
+    undefined = tuple(is_undefined(x) for x in args)
+    body = transpose_of_closed(closed, undefined, tuple(not is_zero(ct) for ct in cts))
+    cts_in = jaxutil.eval_jaxpr(body.jaxpr, body.consts, *(x for x in args if not is_undefined(x)),
+                                *(ct for ct in cts if not is_zero(ct)))
+    return merge(undefined, cts_in, [None] * undefined.count(False))
+
+
+def _custom_call_transpose(cts, *args, call_jaxpr, **params):
+    # A custom_jvp / custom_vjp call in a linear program: a bwd (or a linear function) that
+    # calls it on values linear in the cotangent. The transpose of the linear map it
+    # computes is the transpose of its own program, whatever its rules say: they describe a
+    # derivative (optax.scale_gradient's program is the identity; its rule scales). A call
+    # that is not linear in those values fails here, in that program's transpose.
+    del params
+    return _transpose_inlined(call_jaxpr, cts, args)
+
+
 rules.jvp_rules[prims.custom_jvp_call_p] = _custom_jvp_call_jvp
+rules.transpose_rules[prims.custom_jvp_call_p] = _custom_call_transpose
 
 
 # --- custom_vjp: fwd now, bwd when transposed, or transposed for forward mode ----------
 #
 # bwd maps an output cotangent u to J^T u at fwd's residuals, linearly in u; transposing
 # it gives J v: forward mode (jvp, linearize, jacfwd, fwd-over-fwd) that jax refuses.
+#
+# Never a silently wrong tangent: a bwd is transposed only if it is structurally linear in
+# u (`_first_nonlinear` names the first op that is not, looking into jits, loops and the
+# custom functions it calls; the transpose itself fails on anything else), and only if
+# every cotangent it returns is either linear in u or a literal zero (`_constant_output`:
+# flax's fp8 ops return a state update as a "gradient", bwd(0) != 0).
+#
+# A custom_jvp / custom_vjp function that a bwd calls on u is transposed as its own
+# program (`_custom_call_transpose`), not by its rules: the transpose of a linear map is a
+# property of what it computes, and rules describe a derivative that may be deliberately
+# untrue (optax.scale_gradient is the identity whose rule scales; inside a bwd it passes u
+# on unscaled). Its rules still count when the bwd is differentiated (forward over
+# reverse). jax.experimental.ode.odeint's bwd integrates the adjoint ODE with odeint: the
+# solver's adaptive step depends on the norm of the adjoint state, so it is linear in u only
+# to the solver's tolerance (and its state mixes u with the residual trajectory), and it is
+# refused with that reason rather than accepted with an error no check could bound.
 
 custom_lin_p = Primitive("fungrad_custom_lin")
 """The tangent map of a custom_vjp function, given by its bwd: `(residuals, nonzero input
@@ -167,7 +205,16 @@ def _custom_lin_forward(*args, num_res, bwd, out_avals, symbolic_zeros, in_nonze
         prim, where = nonlinear
         where = f" at {where}" if where and _FUNGRAD_SRC not in where else ""
         raise _custom_vjp_forward_error(
-            bwd.value, f"is not linear in the cotangent: it applies `{prim}` to it{where}")
+            bwd.value, f"is not linear in the cotangent: it applies {prim} to it{where}"
+                       f"{_NESTED_NOTE if ' inside the custom_' in prim else ''}")
+    constant = _constant_output(closed.jaxpr, num_res)
+    if constant is not None:
+        arg = [i for i, nz in enumerate(in_nonzeros) if nz][constant]
+        raise _custom_vjp_forward_error(
+            bwd.value, f"is not linear in the cotangent: the cotangent it returns for input "
+                       f"{arg} (counting the leaves of the differentiable arguments) does not "
+                       "depend on the cotangent yet is not zero, so it is not zero when the "
+                       "cotangent is (a state update passed as a gradient)")
     try:
         transposed = transpose_of_closed(closed, undefined, (True,) * len(dots))
     except Exception as err:  # a cotangent times a cotangent; a construct with no transpose
@@ -176,29 +223,132 @@ def _custom_lin_forward(*args, num_res, bwd, out_avals, symbolic_zeros, in_nonze
 
 
 _FUNGRAD_SRC = os.path.join("fungrad", "_src")
+_NESTED_NOTE = (
+    " (a custom_vjp or custom_jvp function that a bwd calls is transposed as its own "
+    "program, which must then be linear in the cotangent too: its rules give a derivative, "
+    "not the transpose of what it computes. An adaptive solver such as "
+    "jax.experimental.ode.odeint is linear in its initial state only to its tolerance)")
 
 
-def _nonlinear_use(jaxpr: Any, num_res: int) -> tuple[Any, str] | None:
+def _nonlinear_use(jaxpr: Any, num_res: int) -> tuple[str, str] | None:
     """The first primitive with no transpose rule (not linear) applied to a value that
     depends on the cotangent inputs (those after the `num_res` residuals), and the user's
     line that applies it."""
     return _first_nonlinear(jaxpr, [i >= num_res for i in range(len(jaxpr.invars))])
 
 
-def _first_nonlinear(jaxpr: Any, linear_in: Sequence[bool]) -> tuple[Any, str] | None:
+def _constant_output(jaxpr: Any, num_res: int) -> int | None:
+    """The first output of a bwd that does not depend on the cotangents (the inputs after
+    the `num_res` residuals) and is not a zero made from a literal: bwd(0) != 0."""
+    linear = _depends(jaxpr, [i >= num_res for i in range(len(jaxpr.invars))])
+    producers = {v: eqn for eqn in jaxpr.eqns for v in eqn.outvars}
+    for k, (out, lin) in enumerate(zip(jaxpr.outvars, linear, strict=True)):
+        if not lin and not _is_zero_fill(out, producers):
+            return k
+    return None
+
+
+# Primitives that keep a zero a zero, on their first operand (zeros_like's broadcast...).
+_ZERO_KEEPING = ("broadcast_in_dim", "convert_element_type", "reshape", "pvary", "pcast", "copy",
+                 "copy_p", "squeeze", "expand_dims")
+
+
+def _is_zero_fill(var: Any, producers: dict) -> bool:
+    """Whether `var` is a zero built from a literal 0 (`jnp.zeros_like`, `lax.full(.., 0)`)."""
+    while type(var) is not Literal:
+        eqn = producers.get(var)
+        if eqn is None or eqn.primitive.name not in _ZERO_KEEPING:
+            return eqn is not None and eqn.primitive is prims.mul_p and any(
+                type(v) is Literal and not np.any(v.val) for v in eqn.invars)
+        var = eqn.invars[0]
+    return not np.any(var.val)
+
+
+def _first_nonlinear(jaxpr: Any, linear_in: Sequence[bool]) -> tuple[str, str] | None:
     linear = {v for v, lin in zip(jaxpr.invars, linear_in, strict=True) if lin}
     for eqn in jaxpr.eqns:
         flags = [type(v) is not Literal and v in linear for v in eqn.invars]
         if not any(flags):
             continue
-        if eqn.primitive is prims.jit_p:  # look inside (jnp's functions are jitted)
-            inner = _first_nonlinear(eqn.params["jaxpr"].jaxpr, flags)
-            if inner is not None:
-                return inner[0], inner[1] or jaxutil.source_line(eqn)
-        elif eqn.primitive not in rules.transpose_rules:
-            return eqn.primitive, jaxutil.source_line(eqn)
+        found = _nonlinear_in(eqn, flags)
+        if found is not None:
+            return found
         linear.update(eqn.outvars)
     return None
+
+
+def _nonlinear_in(eqn: JaxprEqn, flags: list[bool]) -> tuple[str, str] | None:
+    """Where `eqn` is not linear in its inputs marked by `flags`: looks inside the programs
+    it runs (jnp's functions are jitted; loops; custom functions), or None."""
+    line = jaxutil.source_line(eqn)
+    inner_call = _inner_program(eqn, flags)
+    if inner_call is None:
+        if eqn.primitive not in rules.transpose_rules or _product_of_linear(eqn, flags):
+            return f"`{eqn.primitive}`", line
+        return None
+    if isinstance(inner_call, str):
+        return inner_call, line
+    inner = _first_nonlinear(*inner_call)
+    return None if inner is None else (_inside(eqn, inner[0]), inner[1] or line)
+
+
+def _inner_program(eqn: JaxprEqn, flags: list[bool]) -> tuple[Any, list[bool]] | str | None:
+    """The program `eqn` runs and which of its inputs are linear, for the equations that
+    hold one; a description when the loop itself is not linear."""
+    params = eqn.params
+    if eqn.primitive is prims.scan_p:
+        n_consts, n_carry = params["num_consts"], params["num_carry"]
+        consts, carry, xs = partition(flags, n_consts, n_carry)
+        carry = _carry_flags(params["jaxpr"].jaxpr, consts, carry, xs)
+        return params["jaxpr"].jaxpr, [*consts, *carry, *xs]
+    if eqn.primitive is prims.while_p:
+        n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
+        cond, body, carry = partition(flags, n_cond, n_body)
+        carry = _carry_flags(params["body_jaxpr"].jaxpr, body, carry, [])
+        if any(_depends(params["cond_jaxpr"].jaxpr, [*cond, *carry])):
+            return "`while` (a loop whose condition depends on it)"
+        return params["body_jaxpr"].jaxpr, [*body, *carry]
+    called = _called_program(eqn)
+    return None if called is None else (called.jaxpr, flags)
+
+
+def _carry_flags(body: Any, before: list[bool], carry: list[bool], after: list[bool]) -> list[bool]:
+    """Which carries of a loop are linear: those linear on entry, and those that come to
+    depend on a linear value in some iteration (a fixed point)."""
+    while True:
+        out = _depends(body, [*before, *carry, *after])[:len(carry)]
+        new = [c or o for c, o in zip(carry, out, strict=True)]
+        if new == carry:
+            return carry
+        carry = new
+
+
+def _product_of_linear(eqn: JaxprEqn, flags: Sequence[bool]) -> bool:
+    """A product of two linear values, or a division by one: transposable primitives whose
+    use here is not linear (the transpose would fail; this names the line)."""
+    if eqn.primitive in (prims.mul_p, prims.dot_general_p, prims.conv_general_dilated_p):
+        return all(flags)
+    return eqn.primitive is prims.div_p and flags[1]
+
+
+def _called_program(eqn: JaxprEqn) -> ClosedJaxpr | None:
+    """The program an equation runs that the transpose of a linear program inlines: a jit's
+    body, or the primal program of a custom_jvp / custom_vjp function."""
+    if eqn.primitive is prims.jit_p:
+        return eqn.params["jaxpr"]
+    if eqn.primitive in (prims.custom_vjp_call_p, prims.custom_jvp_call_p):
+        return eqn.params["call_jaxpr"]
+    return None
+
+
+def _inside(eqn: JaxprEqn, what: str) -> str:
+    """`what` (a primitive named in a message) qualified by the custom function running it."""
+    if eqn.primitive not in (prims.custom_vjp_call_p, prims.custom_jvp_call_p):
+        return what
+    kind = "custom_vjp" if eqn.primitive is prims.custom_vjp_call_p else "custom_jvp"
+    src = eqn.params["call_jaxpr"].jaxpr.debug_info.func_src_info
+    name = src.split(" ")[0] if src else "<unknown>"
+    return f"{what} inside the {kind} function `{name}`"
 
 
 def _custom_vjp_forward_error(bwd: Any, why: str) -> TypeError:
@@ -255,6 +405,7 @@ def _custom_lin_transpose(cts, *args, num_res, bwd, out_avals, symbolic_zeros, i
 
 
 rules.jvp_rules[prims.custom_vjp_call_p] = _custom_vjp_call_jvp
+rules.transpose_rules[prims.custom_vjp_call_p] = _custom_call_transpose
 rules.transpose_rules[custom_lin_p] = _custom_lin_transpose
 
 
