@@ -15,6 +15,7 @@ that its carry inputs and outputs agree.
 from __future__ import annotations
 
 import collections
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -579,52 +580,192 @@ def _remat_jvp(primals, tangents, *, jaxpr, prevent_cse, differentiated, policy)
 
 
 def _saves(policy: Any, eqn: JaxprEqn) -> bool:
-    """Whether a remat `policy` lets the outputs of `eqn` be kept as residuals."""
+    """Whether a remat `policy` lets the outputs of `eqn` be kept as residuals.
+
+    An offloading policy's `Offloadable` counts as saved: fungrad keeps the value where
+    it is (device memory) rather than moving it.
+    """
     if policy is None:  # jax.checkpoint's default: save nothing but the inputs
         return False
     saved = policy(eqn.primitive, *(v.aval for v in eqn.invars), **eqn.params)
     return saved is not Recompute and bool(saved)
 
 
-def _rematerialize(split: linearize.Split, policy: Any) -> tuple[list[Any], list[JaxprEqn]]:
-    """The residuals the policy lets `split` keep, and the known equations to recompute.
+def _is_var(v: Any) -> bool:
+    return type(v) is not Literal
 
-    A residual made by an equation the policy does not save is recomputed in the staged
-    part from that equation's inputs, which become residuals in turn; the inputs of the
-    remat are always available.
+
+@dataclasses.dataclass(frozen=True)
+class _Remat:
+    """How known equations hand values to the staged part of a checkpoint.
+
+    known:     the known equations, each call among them rewritten to also return the
+               values the policy saves inside it;
+    saved:     values computed by `known` that the staged part reads;
+    inputs:    inputs (or constants) of the enclosing jaxpr that the staged part reads;
+    recompute: the equations the staged part runs again, in order.
     """
-    producer = {v: eqn for eqn in split.known.eqns for v in eqn.outvars}
-    saved: dict[Any, None] = {}
-    # Debug callbacks run again with the recomputation, as in jax.
-    replayed = [e for e in split.known.eqns if jaxutil.has_debug_effect(e)]
-    recompute: set[int] = {id(e) for e in replayed}
-    pending = list(reversed([*_residual_vars(split), *(v for e in replayed for v in e.invars)]))
-    seen: set[Any] = set()
-    while pending:
-        v = pending.pop()
-        if type(v) is Literal or v in seen:
-            continue
-        seen.add(v)
-        eqn = producer.get(v)
-        if eqn is None or _saves(policy, eqn):
-            saved[v] = None
-        else:
-            recompute.add(id(eqn))
-            pending.extend(reversed(eqn.invars))
-    return list(saved), [e for e in split.known.eqns if id(e) in recompute]
+
+    known: list[JaxprEqn]
+    saved: list[Var]
+    inputs: list[Var]
+    recompute: list[JaxprEqn]
+
+
+def _rematerialize(eqns: Sequence[JaxprEqn], needed: Sequence[Any], policy: Any) -> _Remat:
+    """Which values of `needed` (read after `eqns`) are saved and which recomputed.
+
+    The equations are walked backwards, so that every use of a value is known when its
+    equation is reached. An equation the policy saves keeps its wanted outputs; one it
+    does not is recomputed, and its inputs are needed in turn. A call (`jit`) is judged
+    not as a whole but equation by equation inside, as jax's partial evaluation does: it
+    saves what the policy saves in its body and recomputes the rest in a second call.
+    Debug callbacks run again with the recomputation, as in jax.
+    """
+    live: dict[Any, None] = dict.fromkeys(v for v in needed if _is_var(v))
+    saved: list[Var] = []
+    known: list[JaxprEqn] = []
+    recompute: list[JaxprEqn] = []
+    for eqn in reversed(eqns):
+        wanted = [v in live for v in eqn.outvars]
+        replay = jaxutil.has_debug_effect(eqn)
+        if any(wanted) or replay:
+            for v in eqn.outvars:
+                live.pop(v, None)
+            opener = _OPENERS.get(eqn.primitive)
+            if opener is not None:
+                eqn, again, kept, reads = opener(eqn, wanted, policy)
+                saved += kept
+                recompute += [again] if again is not None else []
+                live.update(dict.fromkeys(v for v in reads if _is_var(v)))
+            elif not replay and _saves(policy, eqn):
+                saved += [v for v, w in zip(eqn.outvars, wanted, strict=True) if w]
+            else:
+                recompute.append(eqn)
+                live.update(dict.fromkeys(v for v in eqn.invars if _is_var(v)))
+        known.append(eqn)
+    return _Remat(known[::-1], saved[::-1], list(live)[::-1], recompute[::-1])
+
+
+def _open_call(eqn: JaxprEqn, wanted: Sequence[bool], policy: Any):
+    """A known call split by `policy` inside, for the wanted outputs.
+
+    Returns the call rewritten to also return the values it saves inside (a value it
+    returns anyway is not returned twice), the call that recomputes the wanted outputs
+    from the saved values and its inputs (None if it has nothing to do), the saved
+    values outside, and the inputs outside the recomputation reads.
+    """
+    closed: ClosedJaxpr = eqn.params[_CALLS[eqn.primitive]]
+    body = closed.jaxpr
+    inner = _rematerialize(body.eqns, [o for o, w in zip(body.outvars, wanted, strict=True) if w], policy)
+    returned = {o: v for o, v in zip(body.outvars, eqn.outvars, strict=True)
+                if _is_var(o) and type(v) is Var}  # not a literal, not dropped
+    extra = [s for s in inner.saved if s not in returned]
+    fresh = dict(zip(extra, (Var(s.aval) for s in extra), strict=True))
+    outer_of = {s: returned.get(s) or fresh[s] for s in inner.saved}
+    outer_saved = list(outer_of.values())
+    n_in, n_out = len(body.invars), len(body.outvars)
+    known_body = jaxutil.new_jaxpr(body.constvars, body.invars, [*body.outvars, *extra], inner.known)
+    known = _call_eqn(eqn, eqn.invars, [*eqn.outvars, *fresh.values()], known_body, closed.consts,
+                      range(n_in), [*range(n_out), *[None] * len(extra)])
+    position = {v: i for i, v in enumerate(body.invars)}
+    ins = [position[v] for v in inner.inputs if v in position]  # the rest are constants
+    # A wanted output is recomputed unless it is the very value saved (not a second
+    # output of the call that returns the same inner value: that one is passed through).
+    outs = [k for k, (o, w) in enumerate(zip(body.outvars, wanted, strict=True))
+            if w and not (_is_var(o) and outer_of.get(o) is eqn.outvars[k])]
+    if not outs and not inner.recompute:
+        return known, None, outer_saved, []
+    again_body = jaxutil.new_jaxpr(body.constvars, [*(body.invars[i] for i in ins), *inner.saved],
+                                   [body.outvars[k] for k in outs], inner.recompute)
+    again = _call_eqn(eqn, [*(eqn.invars[i] for i in ins), *outer_saved], [eqn.outvars[k] for k in outs],
+                      again_body, closed.consts, [*ins, *[None] * len(outer_saved)], outs)
+    return known, again, outer_saved, [eqn.invars[i] for i in ins]
+
+
+def _call_eqn(eqn: JaxprEqn, invars: Sequence[Any], outvars: Sequence[Var], body: Jaxpr,
+              consts: Sequence[Any], in_like: Sequence[int | None], out_like: Sequence[int | None]):
+    """A call like `eqn` (same primitive and options) on new operands and body."""
+    closed = ClosedJaxpr(body, consts)
+    if eqn.primitive is prims.jit_p:
+        params = jaxutil.jit_params(eqn.params, closed, list(in_like), list(out_like))
+    else:
+        params = dict(eqn.params, call_jaxpr=closed)
+    return jaxutil.new_eqn(list(invars), list(outvars), eqn.primitive, params, eqn)
+
+
+_CALLS = {prims.jit_p: "jaxpr", prims.closed_call_p: "call_jaxpr"}  # primitive -> its body
+
+
+def _open_scan(eqn: JaxprEqn, wanted: Sequence[bool], policy: Any):
+    """A known scan split by `policy` inside, for the wanted outputs (as `_open_call`).
+
+    What the policy saves in the body is stacked by the known scan; a second scan
+    recomputes the rest per iteration from those stacks. A carry the recomputation
+    reads is recomputed with it from the initial carry (the carry-out is saved or
+    recomputed in the body like any value), so a carry is never stacked for its own
+    sake: jax keeps the same residuals.
+    """
+    params = eqn.params
+    closed: ClosedJaxpr = params["jaxpr"]
+    body = closed.jaxpr
+    n_c, n_k = params["num_consts"], params["num_carry"]
+    carry_in, carry_out = body.invars[n_c:n_c + n_k], body.outvars[:n_k]
+    wanted_ys = [o for o, w in zip(body.outvars[n_k:], wanted[n_k:], strict=True) if w]
+
+    def step(carried: list[bool]) -> list[bool]:
+        inner = _rematerialize(body.eqns, [*_pick(carry_out, carried), *wanted_ys], policy)
+        return [v in inner.inputs for v in carry_in]
+
+    carried = _fixed_point(step, wanted[:n_k])
+    inner = _rematerialize(body.eqns, [*_pick(carry_out, carried), *wanted_ys], policy)
+    returned = {o: v for o, v in zip(body.outvars[n_k:], eqn.outvars[n_k:], strict=True)
+                if _is_var(o) and type(v) is Var}
+    extra = [v for v in inner.saved if v not in returned]
+    known_body = jaxutil.new_jaxpr(body.constvars, body.invars, [*body.outvars, *extra], inner.known)
+    known_params = dict(params, jaxpr=ClosedJaxpr(known_body, closed.consts))
+    out_avals, _ = prims.scan_p.abstract_eval(*(x.aval for x in eqn.invars), **known_params)
+    fresh = dict(zip(extra, (Var(a) for a in out_avals[len(eqn.outvars):]), strict=True))
+    known = jaxutil.new_eqn(eqn.invars, [*eqn.outvars, *fresh.values()], prims.scan_p, known_params, eqn)
+    outer_of = {v: returned.get(v) or fresh[v] for v in inner.saved}
+    ys = [j for j, (o, w) in enumerate(zip(body.outvars[n_k:], wanted[n_k:], strict=True))
+          if w and not (_is_var(o) and outer_of.get(o) is eqn.outvars[n_k + j])]
+    uses = set(inner.inputs)
+    consts, xs = [i for i in range(n_c) if body.invars[i] in uses], [
+        i for i in range(n_c + n_k, len(body.invars)) if body.invars[i] in uses]
+    carries = [n_c + k for k in range(n_k) if carried[k]]
+    if not ys and not carries and not inner.recompute:
+        return known, None, list(outer_of.values()), []
+    ins = [*consts, *carries, *xs]
+    again_body = jaxutil.new_jaxpr(
+        body.constvars, [*(body.invars[i] for i in ins), *inner.saved],
+        [*_pick(carry_out, carried), *(body.outvars[n_k + j] for j in ys)], inner.recompute)
+    again_params = dict(params, jaxpr=ClosedJaxpr(again_body, closed.consts), num_consts=len(consts),
+                        num_carry=len(carries))
+    finals = [eqn.outvars[k] if wanted[k] else Var(eqn.outvars[k].aval) for k in range(n_k) if carried[k]]
+    again = jaxutil.new_eqn([*(eqn.invars[i] for i in ins), *outer_of.values()],
+                            [*finals, *(eqn.outvars[n_k + j] for j in ys)], prims.scan_p, again_params, eqn)
+    return known, again, list(outer_of.values()), [eqn.invars[i] for i in ins]
+
+
+def _pick(xs: Sequence[Any], flags: Sequence[bool]) -> list[Any]:
+    return [x for x, f in zip(xs, flags, strict=True) if f]
+
+
+_OPENERS = {prims.jit_p: _open_call, prims.closed_call_p: _open_call, prims.scan_p: _open_scan}
 
 
 def _remat_partial_eval(eqn: JaxprEqn, unknowns: Sequence[bool]):
     params = eqn.params
     jaxpr: Jaxpr = params["jaxpr"]
     split = linearize.partial_eval(jaxpr, unknowns)
-    saved, recomputed = _rematerialize(split, params["policy"])
+    remat = _rematerialize(split.known.eqns, _residual_vars(split), params["policy"])
     outer = dict(zip(jaxpr.invars, eqn.invars, strict=True))
-    inputs = [v for v in saved if v in outer]
-    computed = [v for v in saved if v not in outer]
+    inputs, computed = remat.inputs, remat.saved
+    assert all(v in outer for v in inputs), "a checkpoint's body has no constants"
     known_outs = _known_outs(split)
     known_body = jaxutil.new_jaxpr([], split.known.invars, [*known_outs, *computed],
-                                   linearize.dce(split.known.eqns, [*known_outs, *computed]))
+                                   linearize.dce(remat.known, [*known_outs, *computed]))
     computed_vars = [Var(v.aval) for v in computed]
     known = [not u for u in unknowns]
     known_eqn = jaxutil.new_eqn(
@@ -637,7 +778,7 @@ def _remat_partial_eval(eqn: JaxprEqn, unknowns: Sequence[bool]):
         return [known_eqn], [], split.out_unknowns
     uk_in = split.staged.invars[split.num_res:]
     staged_body = jaxutil.new_jaxpr([], [*inputs, *computed, *uk_in], split.staged.outvars,
-                                    [*recomputed, *split.staged.eqns])
+                                    [*remat.recompute, *split.staged.eqns])
     staged_eqn = jaxutil.new_eqn(
         [*(outer[v] for v in inputs), *computed_vars,
          *(x for x, u in zip(eqn.invars, unknowns, strict=True) if u)],
