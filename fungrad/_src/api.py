@@ -7,6 +7,7 @@ import functools
 import statistics
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -506,13 +507,16 @@ _dispatches = caching.LRU("fungrad.compiled", max_entries=256, max_bytes=512 << 
 
 
 def _eager_transform(impl: Callable, config: tuple, fun: Callable, args: tuple,
-                    kwargs: dict, nums: tuple[int, ...]) -> Any:
+                    kwargs: dict, nums: tuple[int, ...], memory_budget: int | None = None) -> Any:
     """`impl(fun, *config, args, kwargs, nums)`: a Jacobian transform at these arguments.
 
     From eager code, `fun` is captured once (its Python runs once, as under jax) and the
     transform of the captured program runs as one program, compiled once that program has
-    been seen before. Inside a trace the transform is inlined as it is.
+    been seen before. Inside a trace the transform is inlined as it is. With
+    `memory_budget`, the last entry of `config` (the chunk size) is chosen to fit it.
     """
+    if memory_budget is not None:
+        return _budgeted_transform(impl, config, fun, args, kwargs, nums, memory_budget)
     dyn = tuple(args[i] for i in nums)
     dyn_leaves, dyn_tree = tree_util.tree_flatten(dyn)
     if not _all_concrete(tree_util.tree_leaves((args, kwargs))) or not all(
@@ -544,31 +548,162 @@ def _transform_flat(closed: ClosedJaxpr, impl: Callable, config: tuple, dyn_tree
     return impl(replay, *config, dyn_args, {}, tuple(range(len(dyn_args))))
 
 
+# --- chunks at a memory budget ---------------------------------------------------------
+
+# The chunk chosen for a budget, by (canonical program, transform, budget, backend). The
+# canonical program is shared by every trace with its structural key and holds the input
+# shapes, so a choice is never reused for another program or other shapes.
+_chunk_choices = caching.LRU("fungrad.chunk_choices", max_entries=1024, max_bytes=16 << 20,
+                             size=lambda _: 256)
+_PROBES = 8  # most compiles to find a chunk, after those of chunks 1 and 2
+
+
+def _budgeted_transform(impl: Callable, config: tuple, fun: Callable, args: tuple,
+                        kwargs: dict, nums: tuple[int, ...], budget: int) -> Any:
+    """`impl` with the largest chunk whose compiled program fits `budget` bytes of XLA's
+    temporary memory. `fun` is captured (also inside a trace, where its inputs are
+    tracers: the choice needs their shapes only) and the chosen transform of the
+    captured program runs as `_eager_transform` runs it."""
+    fname = impl.__name__[1:-5]
+    dyn_leaves, dyn_tree = tree_util.tree_flatten(tuple(args[i] for i in nums))
+    debug = jaxutil.user_debug_info(f"fungrad.{fname}", fun, args, nums)
+    captured, consts = capture(_partial_args(fun, args, nums, kwargs), dyn_tree, dyn_leaves,
+                               [True] * len(dyn_leaves), debug)
+    chunk = _chunk_for_budget(captured.jaxpr, consts, impl, config[:-1], dyn_tree,
+                              captured.out_tree, budget, fname)
+    config = (*config[:-1], chunk)
+    if debug_nans.enabled():
+        return impl(fun, *config, args, kwargs, nums)
+    static = (impl, config, dyn_tree, captured.out_tree)
+    reused = captured.reused and all(map(_is_traceable_array, dyn_leaves))
+    run = _runner(_transform_flat, captured.jaxpr, reused, [*dyn_leaves, *consts], *static)
+    return run(captured.jaxpr, *static, *dyn_leaves, *consts)
+
+
+def _chunk_for_budget(closed: ClosedJaxpr, consts: Sequence[Any], impl: Callable, prefix: tuple,
+                      dyn_tree: Any, out_tree: Any, budget: int, fname: str) -> int:
+    """The chunk for `budget` (cached), warning when even chunk 1 does not fit.
+
+    The probes see concrete constants as constants and traced ones as inputs, as the
+    caller's `jax.jit` does: XLA simplifies around constants, which changes the memory.
+    Their values are not in the key (only which are concrete): memory depends on shapes.
+    """
+    concrete = tuple(not jaxutil.is_tracer(c) for c in consts)
+    key = (caching.Identity(closed), concrete, impl, prefix, dyn_tree, out_tree, budget,
+           jax.default_backend())
+    choice = _chunk_choices.get(key)
+    if choice is None:
+        num_dyn = len(closed.in_avals) - len(consts)
+        in_avals = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type)
+                    for a, fixed in zip(closed.in_avals, (False,) * num_dyn + concrete, strict=True)
+                    if not fixed]
+
+        def measure(k: int) -> int:
+            def program(*inputs):
+                it = iter(inputs)
+                values = [*(next(it) for _ in range(num_dyn)),
+                          *(c if fixed else next(it) for c, fixed in zip(consts, concrete, strict=True))]
+                return _transform_flat(closed, impl, (*prefix, k), dyn_tree, out_tree, *values)
+            return _temp_bytes(jax.jit(program).lower(*in_avals).compile(), fname)
+
+        # The basis is the inputs (forward) or the outputs (reverse): a chunk of the larger
+        # size is all at once either way.
+        n = max(_basis_size(closed.in_avals[:dyn_tree.num_leaves]), _basis_size(closed.out_avals))
+        choice = _chunk_choices.put(key, choose_chunk(measure, max(n, 1), budget))
+    chunk, needed = choice
+    if needed > budget:
+        warnings.warn(f"fungrad.{fname}: even one product at a time (chunk_size=1) needs "
+                      f"{needed} bytes of temporary memory, more than memory_budget={budget}; "
+                      f"running with chunk_size=1. Raise the budget, or make one product "
+                      f"smaller (for example with jax.checkpoint).", stacklevel=4)
+    return chunk
+
+
+def _temp_bytes(compiled: Any, fname: str) -> int:
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        raise NotImplementedError(
+            f"fungrad.{fname}: memory_budget needs XLA's memory analysis of the compiled "
+            f"program, which the {jax.default_backend()} backend does not provide; pass "
+            f"chunk_size instead.")
+    return int(analysis.temp_size_in_bytes)
+
+
+def choose_chunk(measure: Callable[[int], int], n: int, budget: int) -> tuple[int, int]:
+    """The largest chunk k in [1, n] found with ``measure(k) <= budget``, and its measure
+    (that of chunk 1, over the budget, when none fits).
+
+    Memory is about linear in the chunk, m(k) ~ a + b k: chunks 1 and 2 give a and b,
+    the predicted k is measured, and while it does not fit the line through it and
+    chunk 2 predicts a smaller one (XLA's buffer assignment is not exactly linear).
+
+    >>> choose_chunk(lambda k: 100 + 10 * k, 64, 300)
+    (20, 300)
+    """
+    m1 = measure(1)
+    if m1 > budget and n > 1:  # the loop itself costs: all at once may still fit
+        m_all = measure(n)
+        return (n, m_all) if m_all <= budget else (1, m1)
+    if m1 > budget or n == 1:
+        return 1, m1
+    m2 = measure(2)
+    if m2 > budget:
+        return 1, m1
+    k = n if m2 <= m1 else min(n, 2 + (budget - m2) // (m2 - m1))
+    for _ in range(_PROBES):
+        if k <= 2:
+            break
+        m = measure(k)
+        if m <= budget:
+            return k, m
+        slope = (m - m2) / (k - 2)
+        k = min(k - 1, 2 + int((budget - m2) // slope)) if slope > 0 else k // 2
+    return 2, m2
+
+
 # --- Jacobians, Hessians --------------------------------------------------------------
 
 
 def jacfwd(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
-           holomorphic: bool = False, chunk_size: int | None = None) -> Callable:
+           holomorphic: bool = False, chunk_size: int | None = None,
+           memory_budget: int | None = None) -> Callable:
     """Jacobian of `fun` by forward mode: one JVP per input dimension, vectorized.
 
     The Jacobian of an output leaf of shape ``out`` with respect to an input leaf of
-    shape ``in`` has shape ``out + in``. With ``chunk_size``, at most that many JVPs run
-    at once (a loop over chunks of the basis): the memory of one chunk, the same result.
+    shape ``in`` has shape ``out + in``.
+
+    Args:
+      fun: the function to differentiate.
+      argnums: which positional argument(s) to differentiate (int or tuple of ints).
+      has_aux: whether ``fun`` returns ``(output, aux)``; then returns ``(jac, aux)``.
+      holomorphic: whether ``fun`` is holomorphic (complex inputs and outputs).
+      chunk_size: at most this many JVPs at once (a loop over chunks of the basis, each
+        vectorized): the memory of one chunk, the same result exactly.
+      memory_budget: instead of ``chunk_size``, bytes of temporary memory (XLA's
+        ``temp_size_in_bytes``: neither the inputs nor the returned Jacobian) the compiled
+        program may use; the largest chunk that fits is found by compiling, once per
+        program, shapes and budget. If even one JVP at a time needs more, it runs one at
+        a time with a warning.
 
     >>> import jax.numpy as jnp, fungrad
     >>> fungrad.jacfwd(lambda x: x ** 2)(jnp.array([1.0, 2.0])).tolist()
     [[2.0, 0.0], [0.0, 4.0]]
+    >>> x = jnp.linspace(0.0, 1.0, 64)
+    >>> jac = fungrad.jacfwd(jnp.sin, memory_budget=8 * 2**10)(x)
+    >>> bool((jac == fungrad.jacfwd(jnp.sin)(x)).all())
+    True
     """
     fname = "jacfwd"
     api_util.check_callable(fun, fname)
     api_util.check_chunk_size(chunk_size, fname)
+    api_util.check_memory_budget(memory_budget, chunk_size, fname)
 
     @jaxutil.api_boundary
     @functools.wraps(fun)
     def jacfwd_f(*args, **kwargs):
         nums = api_util.forward_argnums(argnums, args, fname, holomorphic)
         return _eager_transform(_jacfwd_impl, (isinstance(argnums, int), has_aux, chunk_size), fun,
-                                args, kwargs, nums)
+                                args, kwargs, nums, memory_budget)
 
     return jacfwd_f
 
@@ -577,13 +712,12 @@ def _jacfwd_impl(fun: Callable, single: bool, has_aux: bool, chunk_size: int | N
                  args: tuple, kwargs: dict, nums: tuple[int, ...]) -> Any:
     dyn = tuple(args[i] for i in nums)
     dyn_leaves, dyn_tree = tree_util.tree_flatten(dyn)
-    basis = api_util.std_basis(dyn_leaves)
 
-    def one_column(*basis_leaves):
-        tangents = tree_util.tree_unflatten(dyn_tree, list(basis_leaves))
+    def one_column(i):
+        tangents = tree_util.tree_unflatten(dyn_tree, _one_hot(i, dyn_leaves))
         return jvp(_partial_args(fun, args, nums, kwargs), dyn, tangents, has_aux=has_aux)
 
-    results = _map_basis(one_column, basis, chunk_size,
+    results = _map_basis(one_column, [jnp.arange(_basis_size(dyn_leaves))], chunk_size,
                          (None, -1, None) if has_aux else (None, -1))
     y, jac = results[0], results[1]
     jac = tree_util.tree_map(lambda j, out: _reshape_jac_fwd(j, out, dyn_leaves, dyn_tree,
@@ -594,30 +728,86 @@ def _jacfwd_impl(fun: Callable, single: bool, has_aux: bool, chunk_size: int | N
 def _map_basis(fun: Callable, basis: Sequence[Any], chunk_size: int | None,
                out_axes: Any) -> Any:
     """`jax.vmap(fun, out_axes=out_axes)(*basis)` over the leading axis of the basis, at
-    most `chunk_size` vectors at a time: a `lax.map` over chunks, each vmapped, the last
-    padded with zero vectors whose results are dropped. Memory for one chunk."""
+    most `chunk_size` vectors at a time (see `_chunked_map`)."""
     n = basis[0].shape[0] if basis else 0
     if (chunk_size is None or chunk_size >= n
-            or any(b.dtype == jaxutil.float0 for b in basis)):  # integer inputs: no padding
+            or any(b.dtype == jaxutil.float0 for b in basis)):  # integer inputs: no slicing
         return jax.vmap(fun, out_axes=out_axes)(*basis)
-    count = -(-n // chunk_size)
-    chunks = [jnp.pad(b, [(0, count * chunk_size - n)] + [(0, 0)] * (b.ndim - 1))
-              .reshape((count, chunk_size, *b.shape[1:])) for b in basis]
-    stacked = lax.map(lambda bs: jax.vmap(fun, out_axes=out_axes)(*bs), chunks)
+    return _chunked_map(fun, basis, chunk_size, out_axes, n)
 
-    def join(axis, x):  # x: the chunks stacked first, each batched at `axis`
-        if axis is None:
-            return x[0]  # the same in every chunk (the primal output)
-        if axis == 0:
-            return x.reshape((count * chunk_size, *x.shape[2:]))[:n]
-        assert axis == -1
-        x = jnp.moveaxis(x, 0, -2)
-        return x.reshape((*x.shape[:-2], count * chunk_size))[..., :n]
 
+def _chunked_map(fun: Callable, basis: Sequence[Any], k: int, out_axes: Any, n: int) -> Any:
+    """A loop over chunks of `k` rows of the basis, each vmapped. Chunk c covers rows
+    [s, s + k), s = min(c k, n - k): the last chunk overlaps the one before rather than
+    being padded, so each chunk's results are written in place into the output (the
+    loop's carry). Memory: one chunk's products and the output; no stacked copy."""
+    count = -(-n // k)
+    batched = jax.vmap(fun, out_axes=out_axes)
+
+    def chunk(c):
+        start = jnp.minimum(c * k, n - k)
+        return start, batched(*(lax.dynamic_slice_in_dim(b, start, k) for b in basis))
+
+    shapes = jax.eval_shape(lambda: chunk(0)[1])
+    leaves, tree = tree_util.tree_flatten(shapes)
+    axes = _leaf_axes(shapes, out_axes)
+    full = [_full_shape(x.shape, a, n) for x, a in zip(leaves, axes, strict=True)]
+    carried = [x.dtype != jaxutil.float0 for x in leaves]  # float0 results are zeros anyway
+
+    def body(c, bufs):
+        start, res = chunk(c)
+        res = [r for r, keep in zip(tree_util.tree_leaves(res), carried, strict=True) if keep]
+        axes_kept = [a for a, keep in zip(axes, carried, strict=True) if keep]
+        return [_write(b, r, start, a) for b, r, a in zip(bufs, res, axes_kept, strict=True)]
+
+    init = [jnp.zeros(shape, x.dtype) for x, shape, keep in zip(leaves, full, carried, strict=True)
+            if keep]
+    done = iter(lax.fori_loop(0, count, body, init))
+    outs = [jaxutil.weak_like(next(done), x) if keep else np.zeros(shape, jaxutil.float0)
+            for x, shape, keep in zip(leaves, full, carried, strict=True)]
+    return tree_util.tree_unflatten(tree, outs)
+
+
+def _leaf_axes(shapes: Any, out_axes: Any) -> list[Any]:
+    """The batch axis (0, -1 or None) of each output leaf, from `out_axes` per part."""
     if not isinstance(out_axes, tuple):
-        return tree_util.tree_map(functools.partial(join, out_axes), stacked)
-    return tuple(tree_util.tree_map(functools.partial(join, axis), part)
-                 for axis, part in zip(out_axes, stacked, strict=True))
+        return [out_axes] * len(tree_util.tree_leaves(shapes))
+    return [axis for axis, part in zip(out_axes, shapes, strict=True)
+            for _ in tree_util.tree_leaves(part)]
+
+
+def _full_shape(shape: tuple[int, ...], axis: Any, n: int) -> tuple[int, ...]:
+    if axis is None:
+        return shape
+    axis = axis % len(shape)
+    return (*shape[:axis], n, *shape[axis + 1:])
+
+
+def _write(buf: Any, res: Any, start: Any, axis: Any) -> Any:
+    if axis is None:
+        return res  # the same in every chunk (the primal output)
+    return lax.dynamic_update_slice_in_dim(buf, res.astype(buf.dtype), start, axis % buf.ndim)
+
+
+def _one_hot(i: Any, leaves: Sequence[Any]) -> list[Any]:
+    """Row `i` of the identity over the concatenated flat `leaves`, split per leaf in each
+    leaf's tangent dtype. Made from the index inside the loop, so that a chunk of the
+    basis never needs the whole identity (n x n) in memory."""
+    out, start = [], 0
+    for x in leaves:
+        aval = jaxutil.typeof(x)
+        dtype, size = aval.to_tangent_aval().dtype, int(np.prod(aval.shape))
+        if dtype == jaxutil.float0:
+            out.append(np.zeros(aval.shape, jaxutil.float0))
+        else:
+            hot = jnp.arange(size, dtype=jnp.asarray(i).dtype) + start == i
+            out.append(hot.astype(dtype).reshape(aval.shape))
+        start += size
+    return out
+
+
+def _basis_size(leaves: Sequence[Any]) -> int:
+    return sum(int(np.prod(x.shape if hasattr(x, "shape") else np.shape(x))) for x in leaves)
 
 
 def _reshape_jac_fwd(j, out, dyn_leaves, dyn_tree, single):
@@ -635,9 +825,12 @@ def _reshape_jac_fwd(j, out, dyn_leaves, dyn_tree, single):
 
 def jacrev(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
            holomorphic: bool = False, allow_int: bool = False,
-           chunk_size: int | None = None) -> Callable:
-    """Jacobian of `fun` by reverse mode: one VJP per output dimension, vectorized
-    (at most ``chunk_size`` at once, if given).
+           chunk_size: int | None = None, memory_budget: int | None = None) -> Callable:
+    """Jacobian of `fun` by reverse mode: one VJP per output dimension, vectorized.
+
+    Arguments as for :func:`jacfwd`, and ``allow_int`` (integer inputs, whose Jacobian is
+    zeros); ``chunk_size`` and ``memory_budget`` bound the VJPs at once. The residuals of
+    the one linearization are temporary memory too: a budget below them cannot be met.
 
     >>> import jax.numpy as jnp, fungrad
     >>> fungrad.jacrev(lambda x: x ** 2)(jnp.array([1.0, 2.0])).tolist()
@@ -646,6 +839,7 @@ def jacrev(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = Fals
     fname = "jacrev"
     api_util.check_callable(fun, fname)
     api_util.check_chunk_size(chunk_size, fname)
+    api_util.check_memory_budget(memory_budget, chunk_size, fname)
 
     @jaxutil.api_boundary
     @functools.wraps(fun)
@@ -658,7 +852,7 @@ def jacrev(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = Fals
                                        fname=fname)
         return _eager_transform(_jacrev_impl, (isinstance(argnums, int), has_aux, holomorphic,
                                                chunk_size),
-                                fun, args, kwargs, nums)
+                                fun, args, kwargs, nums, memory_budget)
 
     return jacrev_f
 
@@ -673,9 +867,8 @@ def _jacrev_impl(fun: Callable, single: bool, has_aux: bool, holomorphic: bool,
     for leaf in y_leaves:
         api_util.check_output_dtype(jaxutil.typeof(leaf).dtype, holomorphic=holomorphic,
                                     fname="jacrev")
-    basis = api_util.std_basis(y_leaves)
-    cols = _map_basis(lambda *b: pullback(tree_util.tree_unflatten(y_tree, list(b))), basis,
-                      chunk_size, 0)
+    cols = _map_basis(lambda i: pullback(tree_util.tree_unflatten(y_tree, _one_hot(i, y_leaves))),
+                      [jnp.arange(_basis_size(y_leaves))], chunk_size, 0)
     cols = tree_util.tree_map(_like_input, cols, dyn)
     jac = _reshape_jac_rev(cols, y_leaves, y_tree, single)
     return (jac, outs[2]) if has_aux else jac
@@ -703,16 +896,22 @@ def _reshape_jac_rev(cols, y_leaves, y_tree, single):
 
 
 def hessian(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
-            holomorphic: bool = False, chunk_size: int | None = None) -> Callable:
-    """Hessian of scalar `fun`: ``jacfwd(jacrev(fun))``, each with ``chunk_size``.
+            holomorphic: bool = False, chunk_size: int | None = None,
+            memory_budget: int | None = None) -> Callable:
+    """Hessian of scalar `fun`: ``jacfwd(jacrev(fun))``, each with ``chunk_size`` or
+    ``memory_budget``. With a budget the inner ``jacrev`` takes the largest chunk that
+    fits it, then the outer ``jacfwd`` the largest chunk of those that still fits.
 
     >>> import jax.numpy as jnp, fungrad
     >>> fungrad.hessian(lambda x: jnp.sum(x ** 3))(jnp.array([1.0, 2.0])).tolist()
     [[6.0, 0.0], [0.0, 12.0]]
     """
+    api_util.check_chunk_size(chunk_size, "hessian")
+    api_util.check_memory_budget(memory_budget, chunk_size, "hessian")
     return jacfwd(jacrev(fun, argnums, has_aux=has_aux, holomorphic=holomorphic,
-                         chunk_size=chunk_size), argnums,
-                  has_aux=has_aux, holomorphic=holomorphic, chunk_size=chunk_size)
+                         chunk_size=chunk_size, memory_budget=memory_budget), argnums,
+                  has_aux=has_aux, holomorphic=holomorphic, chunk_size=chunk_size,
+                  memory_budget=memory_budget)
 
 
 @jaxutil.api_boundary

@@ -242,3 +242,18 @@ def check_chunk_size(chunk_size: Any, fname: str) -> None:
                                    or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"{fname}: chunk_size must be a positive integer or None (all at "
                          f"once), got {chunk_size!r}.")
+
+
+def check_memory_budget(memory_budget: Any, chunk_size: Any, fname: str) -> None:
+    """`memory_budget` is a positive whole number of bytes, or None; not with chunk_size."""
+    if memory_budget is None:
+        return
+    if (not isinstance(memory_budget, (int, np.integer)) or isinstance(memory_budget, bool)
+            or memory_budget < 1):
+        raise ValueError(f"{fname}: memory_budget must be a positive integer number of bytes "
+                         f"or None (no budget), got {memory_budget!r}. For example "
+                         f"memory_budget=256 * 2**20 for 256 MiB.")
+    if chunk_size is not None:
+        raise ValueError(f"{fname}: pass chunk_size or memory_budget, not both (got "
+                         f"chunk_size={chunk_size!r} and memory_budget={memory_budget!r}): "
+                         f"memory_budget picks the chunk size itself.")

@@ -535,7 +535,8 @@ def _dense_diag_impl(fun: Callable, single: bool, chunk_size: int | None, args: 
 
 
 def jacobian(fun: Callable, argnums: int | Sequence[int] = 0, mode: str = "auto",
-             has_aux: bool = False, chunk_size: int | None = None) -> Callable:
+             has_aux: bool = False, chunk_size: int | None = None,
+             memory_budget: int | None = None) -> Callable:
     """The dense Jacobian of `fun`, by forward or reverse mode.
 
     ``mode="auto"`` takes forward mode (:func:`fungrad.jacfwd`, one JVP per input entry)
@@ -549,6 +550,8 @@ def jacobian(fun: Callable, argnums: int | Sequence[int] = 0, mode: str = "auto"
       mode: ``"auto"``, ``"forward"`` or ``"reverse"``.
       has_aux: whether ``fun`` returns ``(output, aux)``; then returns ``(jac, aux)``.
       chunk_size: at most this many products at once.
+      memory_budget: instead of ``chunk_size``, bytes of temporary memory for the compiled
+        program, as for :func:`fungrad.jacfwd`.
 
     >>> import jax.numpy as jnp, fungrad
     >>> fungrad.jacobian(lambda x: jnp.sum(x ** 2))(jnp.array([1.0, 2.0])).tolist()  # reverse
@@ -557,6 +560,7 @@ def jacobian(fun: Callable, argnums: int | Sequence[int] = 0, mode: str = "auto"
     fname = "jacobian"
     api_util.check_callable(fun, fname)
     api_util.check_chunk_size(chunk_size, fname)
+    api_util.check_memory_budget(memory_budget, chunk_size, fname)
     if mode not in _JAC_MODES:
         raise ValueError(f"{fname}: mode must be one of {', '.join(map(repr, _JAC_MODES))}, "
                          f"got {mode!r}.")
@@ -566,7 +570,8 @@ def jacobian(fun: Callable, argnums: int | Sequence[int] = 0, mode: str = "auto"
     def jacobian_f(*args, **kwargs):
         nums = api_util.forward_argnums(argnums, args, fname)
         config = (isinstance(argnums, (int, np.integer)), has_aux, mode, chunk_size)
-        return api._eager_transform(_jacobian_impl, config, fun, args, kwargs, nums)
+        return api._eager_transform(_jacobian_impl, config, fun, args, kwargs, nums,
+                                    memory_budget)
 
     return jacobian_f
 
