@@ -174,6 +174,21 @@ def test_vmap_runs_to_the_longest_loop():
         assert_close(g, jax.grad(lambda x: jnp.sum(_decay(x, int(n))))(x))  # noqa: B023
 
 
+def test_a_vmapped_loop_inside_the_differentiated_function():
+    # jax.vmap of a loop whose condition depends on the batched value makes a while with a
+    # batched condition: each element runs its own trips. grad, under jit, and hessian.
+    def f(x, while_loop=lax.while_loop):
+        body = lambda c: (jnp.sin(c[0]) * 1.1 + 0.2, c[1] + 1)  # noqa: E731
+        return while_loop(lambda c: c[1] < 3 + (c[0] > 0.5), body, (x, 0))[0]
+
+    xs = np.array([0.1, 0.9, 0.4])
+    loss = lambda xs: jnp.sum(jax.vmap(f)(xs) ** 2)  # noqa: E731
+    ref = lambda xs: jnp.sum(jax.vmap(functools.partial(f, while_loop=_bounded(6)))(xs) ** 2)  # noqa: E731
+    assert_close(fungrad.grad(loss)(xs), jax.grad(ref)(xs))
+    assert_close(jax.jit(fungrad.grad(loss))(xs), jax.grad(ref)(xs))
+    assert_close(fungrad.hessian(loss)(xs), jax.hessian(ref)(xs))
+
+
 def test_eager_outside_jit():
     # Outside jit a fori_loop's bounds are concrete (a scan); a while_loop stays one.
     a = np.array([0.7, 2.0, 8.0])

@@ -481,6 +481,10 @@ def _while_partial_eval(eqn: JaxprEqn, unknowns: Sequence[bool]):
 def _while_transpose(cts, *args, cond_jaxpr, body_jaxpr, cond_nconsts, body_nconsts):
     cconsts, bconsts, init = partition(args, cond_nconsts, body_nconsts)
     assert not any(map(is_undefined, cconsts)), "a loop's condition is never linear"
+    lead = 0
+    if cond_jaxpr.out_avals[0].shape:  # a batched condition: trips counted per element
+        cond_jaxpr, body_jaxpr = _scalar_condition(cond_jaxpr, body_jaxpr, cond_nconsts)
+        bconsts, lead = [*cconsts, *bconsts], cond_nconsts
     bconst_u = tuple(map(is_undefined, bconsts))
 
     def step(carry_u):
@@ -499,8 +503,34 @@ def _while_transpose(cts, *args, cond_jaxpr, body_jaxpr, cond_nconsts, body_ncon
         *(instantiate(ct) for ct, u in zip(cts, carry_u, strict=True) if u))
     ct_bconsts, ct_carry = partition(outs, sum(bconst_u))
     ct_init = merge(carry_u, ct_carry, [None] * carry_u.count(False))
-    return [*[None] * cond_nconsts, *merge(bconst_u, ct_bconsts, [None] * bconst_u.count(False)),
+    ct_bconsts = merge(bconst_u, ct_bconsts, [None] * bconst_u.count(False))[lead:]
+    return [*[None] * cond_nconsts, *ct_bconsts,
             *(ct if is_undefined(x) else None for x, ct in zip(init, ct_init, strict=True))]
+
+
+@jaxutil.weak_cache
+def _scalar_condition(cond: ClosedJaxpr, body: ClosedJaxpr,
+                      cond_nconsts: int) -> tuple[ClosedJaxpr, ClosedJaxpr]:
+    """A while loop whose condition is batched (`jax.vmap` of a loop whose condition
+    depends on the batched values) as one with a scalar condition, as jax lowers it: the
+    loop runs while any element's condition holds, and a trip changes only the carries of
+    the elements whose condition holds. The new body takes the condition's constants
+    first (they are never linear)."""
+    def any_true(*args):
+        (pred,) = jaxutil.eval_jaxpr(cond.jaxpr, cond.consts, *args)
+        return [lax.reduce_or(pred, tuple(range(pred.ndim)))]
+
+    def masked_body(*args):
+        cconsts, rest = args[:cond_nconsts], args[cond_nconsts:]
+        carry = rest[len(rest) - len(body.out_avals):]
+        (pred,) = jaxutil.eval_jaxpr(cond.jaxpr, cond.consts, *cconsts, *carry)
+        new = jaxutil.eval_jaxpr(body.jaxpr, body.consts, *rest)
+        dims = tuple(range(pred.ndim))  # the batch dimensions lead, in every carry
+        return [lax.select(lax.broadcast_in_dim(pred, jaxutil.typeof(x).shape, dims), n, x)
+                for n, x in zip(new, carry, strict=True)]
+
+    return (jaxutil.trace_to_jaxpr(any_true, cond.in_avals),
+            jaxutil.trace_to_jaxpr(masked_body, [*cond.in_avals[:cond_nconsts], *body.in_avals]))
 
 
 @jaxutil.weak_cache
