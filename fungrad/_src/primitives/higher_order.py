@@ -38,18 +38,29 @@ def _jit_jvp(primals, tangents, *, jaxpr, **params):
 def _jit_partial_eval(eqn: JaxprEqn, unknowns: Sequence[bool]):
     closed: ClosedJaxpr = eqn.params["jaxpr"]
     split = linearize.partial_eval(closed.jaxpr, unknowns)
-    residuals = [Var(v.aval) for v in split.known.outvars[len(split.known.outvars) - split.num_res:]]
     known_in = [i for i, u in enumerate(unknowns) if not u]
     known_out = [i for i, u in enumerate(split.out_unknowns) if not u]
     staged_in = [i for i, u in enumerate(unknowns) if u]
     staged_out = [i for i, u in enumerate(split.out_unknowns) if u]
+    known_outs = split.known.outvars[:len(known_out)]
+    # A residual that is an input of the call, or one of its known outputs, is passed to the
+    # staged call from outside rather than returned again (jax keeps it once, too).
+    outside = {**{o: eqn.outvars[i] for o, i in zip(known_outs, known_out, strict=True)
+                  if type(o) is not Literal and type(eqn.outvars[i]) is Var},
+               **{v: eqn.invars[i] for v, i in zip(split.known.invars, known_in, strict=True)}}
+    res = split.known.outvars[len(known_out):]
+    returned = [r for r in res if r not in outside]
+    new_vars = dict(zip(returned, (Var(r.aval) for r in returned), strict=True))
+    res_atoms = [outside.get(r) or new_vars[r] for r in res]
+    known_body = jaxutil.new_jaxpr(split.known.constvars, split.known.invars,
+                                   [*known_outs, *returned], split.known.eqns)
     known_eqn = jaxutil.new_eqn(
         [eqn.invars[i] for i in known_in],
-        [*(eqn.outvars[i] for i in known_out), *residuals], prims.jit_p,
-        jaxutil.jit_params(eqn.params, ClosedJaxpr(split.known, closed.consts),
-                           known_in, [*known_out, *[None] * split.num_res]), eqn)
+        [*(eqn.outvars[i] for i in known_out), *new_vars.values()], prims.jit_p,
+        jaxutil.jit_params(eqn.params, ClosedJaxpr(known_body, closed.consts),
+                           known_in, [*known_out, *[None] * len(returned)]), eqn)
     staged_eqn = jaxutil.new_eqn(
-        [*residuals, *(eqn.invars[i] for i in staged_in)],
+        [*res_atoms, *(eqn.invars[i] for i in staged_in)],
         [eqn.outvars[i] for i in staged_out], prims.jit_p,
         jaxutil.jit_params(eqn.params, ClosedJaxpr(split.staged, ()),
                            [*[None] * split.num_res, *staged_in], staged_out), eqn)
