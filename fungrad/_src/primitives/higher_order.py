@@ -45,13 +45,14 @@ def _jit_partial_eval(eqn: JaxprEqn, unknowns: Sequence[bool]):
     known_outs = split.known.outvars[:len(known_out)]
     # A residual that is an input of the call, or one of its known outputs, is passed to the
     # staged call from outside rather than returned again (jax keeps it once, too).
-    outside = {**{o: eqn.outvars[i] for o, i in zip(known_outs, known_out, strict=True)
-                  if type(o) is not Literal and type(eqn.outvars[i]) is Var},
-               **{v: eqn.invars[i] for v, i in zip(split.known.invars, known_in, strict=True)}}
-    res = split.known.outvars[len(known_out):]
+    outside: dict[Any, Any] = {
+        **{o: eqn.outvars[i] for o, i in zip(known_outs, known_out, strict=True)
+           if type(o) is not Literal and type(eqn.outvars[i]) is Var},
+        **{v: eqn.invars[i] for v, i in zip(split.known.invars, known_in, strict=True)}}
+    res = split.known.outvars[len(known_out):]  # residuals are variables, never literals
     returned = [r for r in res if r not in outside]
-    new_vars = dict(zip(returned, (Var(r.aval) for r in returned), strict=True))
-    res_atoms = [outside.get(r) or new_vars[r] for r in res]
+    new_vars: dict[Any, Var] = {r: Var(r.aval) for r in returned}
+    res_atoms = [outside[r] if r in outside else new_vars[r] for r in res]
     known_body = jaxutil.new_jaxpr(split.known.constvars, split.known.invars,
                                    [*known_outs, *returned], split.known.eqns)
     known_eqn = jaxutil.new_eqn(
