@@ -298,6 +298,8 @@ def test_messages_for_bad_input():
     with pytest.raises(TypeError, match=r"sparse_hessian needs f to return a scalar, but it "
                                         r"returned shape \(6,\)"):
         fungrad.sparse_hessian(jnp.sin, sparsity=np.eye(6, dtype=bool))(x)
+    with pytest.raises(TypeError, match=r"sparse_hessian needs f to return a scalar"):
+        fungrad.sparse_hessian(jnp.sin)(x)  # the pattern detected: the same message
     with pytest.raises(ValueError, match=r"sparse_hessian: sparsity must be symmetric"):
         fungrad.sparse_hessian(rosenbrock, sparsity=np.eye(6, dtype=bool) | np.eye(6, k=1, dtype=bool))
     with pytest.raises(ValueError, match=r"must be a square \(n, n\) pattern"):

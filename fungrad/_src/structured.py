@@ -245,6 +245,8 @@ def _detect(fun: Callable, kind: str, args: tuple, kwargs: dict, argnums: Any,
 
     args = tree_util.tree_map(_abstract, args)
     f = functools.partial(fun, **kwargs) if kwargs else fun
+    if kind != "jacobian":
+        f = _scalar_checked(f, fname)  # named as the user called it, not by detection
     detect = sparsity.jacobian_sparsity if kind == "jacobian" else sparsity.hessian_sparsity
     with jax.ensure_compile_time_eval():  # under jax.jit, the pattern's arrays stay concrete
         pattern = detect(f, *args, argnums=argnums)
