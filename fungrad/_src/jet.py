@@ -20,7 +20,7 @@ from jax import lax, tree_util
 from fungrad._src import api_util, jaxutil, linearize, rules
 from fungrad._src import primitives as _primitives  # noqa: F401  (registers the JVP rules)
 from fungrad._src.jaxutil import ClosedJaxpr, Jaxpr, JaxprEqn, Literal, prims
-from fungrad._src.jvp import fill, partition
+from fungrad._src.jvp import fill, fixed_point, partition
 from fungrad._src.taylor import Series, order_of, taylor_rules
 from fungrad._src.zeros import Zero, is_zero
 
@@ -207,13 +207,8 @@ def _conform(series: Sequence[Series], layout: Sequence[bool], outs: Sequence[An
 def _carry_layout(body: Jaxpr, before: Sequence[bool], init: Sequence[bool],
                   after: Sequence[bool] = ()) -> list[bool]:
     """The carries that carry a series: a fixed point of the body's dependence."""
-    carry = list(init)
-    while True:
-        out = carries_series(body, [*before, *carry, *after])[:len(carry)]
-        new = [a or b for a, b in zip(carry, out, strict=True)]
-        if new == carry:
-            return carry
-        carry = new
+    return fixed_point(lambda flags: carries_series(body, [*before, *flags, *after])[:len(flags)],
+                       init)
 
 
 def _cond(primals, series, *, branches, **params):

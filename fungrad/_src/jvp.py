@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fungrad._src import jaxutil, rules
@@ -72,6 +72,17 @@ def partition(xs: Sequence[Any], *sizes: int) -> list[list[Any]]:
         start += n
     pieces.append(list(xs[start:]))
     return pieces
+
+
+def fixed_point(step: Callable[[list[bool]], Sequence[bool]], init: Sequence[bool]) -> list[bool]:
+    """The least `flags` containing `init` with `step(flags)` contained in it: which carries
+    of a loop have a property (a tangent, an unknown value) after any number of trips."""
+    flags = list(init)
+    while True:
+        new = [a or b for a, b in zip(flags, step(flags), strict=True)]
+        if new == flags:
+            return flags
+        flags = new
 
 
 def fill(mask: Sequence[bool], values: Sequence[Any], defaults: Sequence[Any]) -> list:

@@ -24,7 +24,7 @@ from jax.ad_checkpoint import Recompute
 
 from fungrad._src import jaxutil, linearize, loops, rules
 from fungrad._src.jaxutil import ClosedJaxpr, Jaxpr, JaxprEqn, Literal, Var, prims
-from fungrad._src.jvp import fill, jvp_closed, jvp_program, merge, partition
+from fungrad._src.jvp import fill, fixed_point, jvp_closed, jvp_program, merge, partition
 from fungrad._src.primitives.higher_order import transpose_of_closed
 from fungrad._src.rules import is_undefined
 from fungrad._src.zeros import Zero, add_tangents, has_tangent_space, instantiate, is_zero
@@ -49,16 +49,6 @@ def _consts_as_args(closed: ClosedJaxpr) -> tuple[ClosedJaxpr, list[Any]]:
     """`closed` taking its constants as leading inputs, and those constants."""
     jaxpr, consts = jaxutil.consts_as_invars(closed)
     return ClosedJaxpr(jaxpr, ()), consts
-
-
-def _fixed_point(step: Callable[[list[bool]], Sequence[bool]], init: Sequence[bool]) -> list[bool]:
-    """The least `carry` containing `init` with `step(carry)` contained in it."""
-    carry = list(init)
-    while True:
-        new = [a or b for a, b in zip(carry, step(carry), strict=True)]
-        if new == carry:
-            return carry
-        carry = new
 
 
 def _jvp_instantiated(closed: ClosedJaxpr, nonzeros: tuple[bool, ...],
@@ -250,7 +240,7 @@ def _scan_jvp(primals, tangents, *, jaxpr, num_consts, num_carry, **params):
     def step(carry_nz):
         return _out_nonzeros(jaxpr, [*const_nz, *carry_nz, *xs_nz])[:num_carry]
 
-    carry_nz = _fixed_point(step, init_nz)
+    carry_nz = fixed_point(step, init_nz)
     nz_in = (*const_nz, *carry_nz, *xs_nz)
     body, out_nz = _jvp_instantiated(jaxpr, nz_in, (*carry_nz, *[False] * n_ys))
     body, body_consts = _consts_as_args(body)
@@ -293,7 +283,7 @@ def _scan_partial_eval(eqn: JaxprEqn, unknowns: Sequence[bool]):
         uk = [*const_uk, *carry_uk, *xs_uk]
         return linearize.partial_eval(body.jaxpr, uk).out_unknowns[:n_k]
 
-    carry_uk = _fixed_point(step, init_uk)
+    carry_uk = fixed_point(step, init_uk)
     in_uk = [*const_uk, *carry_uk, *xs_uk]
     split = linearize.partial_eval(body.jaxpr, in_uk, instantiate=[*carry_uk, *[False] * n_ys])
     out_uk = split.out_unknowns
@@ -413,7 +403,7 @@ def _while_jvp(primals, tangents, *, cond_jaxpr, body_jaxpr, cond_nconsts, body_
     def step(carry_nz):
         return _out_nonzeros(body_jaxpr, [*bconst_nz, *carry_nz])
 
-    carry_nz = _fixed_point(step, init_nz)
+    carry_nz = fixed_point(step, init_nz)
     body, _ = _jvp_instantiated(body_jaxpr, (*bconst_nz, *carry_nz), tuple(carry_nz))
     body, body_consts = _consts_as_args(body)
     b, c, k, dc, dk = _blocks(len(body_consts), body_nconsts, len(init_nz), sum(bconst_nz),
@@ -457,7 +447,7 @@ def _while_partial_eval(eqn: JaxprEqn, unknowns: Sequence[bool]):
     def step(carry_uk):
         return linearize.partial_eval(body.jaxpr, [*bconst_uk, *carry_uk]).out_unknowns
 
-    carry_uk = _fixed_point(step, init_uk)
+    carry_uk = fixed_point(step, init_uk)
     cond_split = linearize.partial_eval(cond.jaxpr, [*cconst_uk, *carry_uk])
     if cond_split.out_unknowns[0]:
         return [], [eqn], [True] * len(eqn.outvars)
@@ -492,7 +482,7 @@ def _while_transpose(cts, *args, cond_jaxpr, body_jaxpr, cond_nconsts, body_ncon
 
     # A carry is linear if its initial value is, or if the body makes it so (its known
     # initial value is then a zero tangent, as in the transpose of scan).
-    carry_u = tuple(_fixed_point(step, [is_undefined(x) for x in init]))
+    carry_u = tuple(fixed_point(step, [is_undefined(x) for x in init]))
     assert all(is_zero(ct) for ct, u in zip(cts, carry_u, strict=True) if not u)
     program = _reversed_while(body_jaxpr, cond_jaxpr, cond_nconsts, bconst_u, carry_u,
                               loops.snapshot_slots())
@@ -747,7 +737,7 @@ def _open_scan(eqn: JaxprEqn, wanted: Sequence[bool], policy: Any):
         inner = _rematerialize(body.eqns, [*_pick(carry_out, carried), *wanted_ys], policy)
         return [v in inner.inputs for v in carry_in]
 
-    carried = _fixed_point(step, wanted[:n_k])
+    carried = fixed_point(step, wanted[:n_k])
     inner = _rematerialize(body.eqns, [*_pick(carry_out, carried), *wanted_ys], policy)
     returned = {o: v for o, v in zip(body.outvars[n_k:], eqn.outvars[n_k:], strict=True)
                 if _is_var(o) and type(v) is Var}

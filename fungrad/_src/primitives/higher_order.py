@@ -14,7 +14,7 @@ from jax import lax, tree_util
 
 from fungrad._src import jaxutil, linearize, rules, transpose
 from fungrad._src.jaxutil import ClosedJaxpr, JaxprEqn, Literal, Primitive, Var, prims
-from fungrad._src.jvp import fill, jvp_closed, jvp_program, merge, partition
+from fungrad._src.jvp import fill, fixed_point, jvp_closed, jvp_program, merge, partition
 from fungrad._src.rules import UndefinedPrimal, is_undefined
 from fungrad._src.zeros import Zero, instantiate, is_zero
 
@@ -327,12 +327,7 @@ def _inner_program(eqn: JaxprEqn, flags: list[bool]) -> tuple[Any, list[bool]] |
 def _carry_flags(body: Any, before: list[bool], carry: list[bool], after: list[bool]) -> list[bool]:
     """Which carries of a loop are linear: those linear on entry, and those that come to
     depend on a linear value in some iteration (a fixed point)."""
-    while True:
-        out = _depends(body, [*before, *carry, *after])[:len(carry)]
-        new = [c or o for c, o in zip(carry, out, strict=True)]
-        if new == carry:
-            return carry
-        carry = new
+    return fixed_point(lambda flags: _depends(body, [*before, *flags, *after])[:len(flags)], carry)
 
 
 def _product_of_linear(eqn: JaxprEqn, flags: Sequence[bool]) -> bool:
