@@ -1,6 +1,8 @@
 """Capture means what jax.grad means: Python runs on every call, reads the current state,
 may branch on values; the program cache is keyed by what was traced, so it never goes stale."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,16 +73,18 @@ def _count_calls(monkeypatch, name):
 def test_eager_jacobians_compile_once_the_program_recurs(monkeypatch):
     calls = _count_calls(monkeypatch, "_transform_flat")
     cases = [
-        (fungrad.jacfwd, jax.jacfwd, {}),
-        (fungrad.jacrev, jax.jacrev, {"argnums": (0,)}),
-        (fungrad.hessian, jax.hessian, {}),
+        (fungrad.jacfwd, jax.jacfwd, {}, 1),
+        (fungrad.jacrev, jax.jacrev, {"argnums": (0,)}, 1),
+        (fungrad.hessian, jax.hessian, {}, 2),  # jacfwd of jacrev: two levels
     ]
-    for ours, theirs, kw in cases:
+    for ours, theirs, kw, levels in cases:
         calls.clear()
         for step, x in enumerate(_batches(3)):
+            calls.clear()
             got = ours(lambda w: _loss(w, x, 2.0), **kw)(W)  # noqa: B023  (a new closure)
-            # At most once op by op (a program not seen before), once traced for compiling.
-            assert len(calls) <= min(step + 1, 2)
+            # Per level, at most once op by op (a program not seen before), then once traced
+            # for compiling (the inner level: for inlining into the outer's trace), then never.
+            assert len(calls) <= (levels if step < 2 else 0)
             assert_close(got, theirs(lambda w: _loss(w, x, 2.0), **kw)(W))  # noqa: B023
 
 
@@ -393,6 +397,58 @@ def test_linearize_returns_a_pytree_that_passes_into_and_out_of_jit():
     assert_close(jax.jit(lambda fj, t: fj(t))(f_jvp, jnp.ones(3)), want)
     returned = jax.jit(lambda x: fungrad.linearize(f, x)[1])(X)
     assert_close(returned(jnp.ones(3)), want)
+
+
+@jax.custom_jvp
+def _scaled_cube(x):
+    return x ** 3
+
+
+@_scaled_cube.defjvp
+def _scaled_cube_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return x ** 3, JVP_SCALE * 3 * x ** 2 * t  # reads a global at each call
+
+
+JVP_SCALE = 1.0
+
+
+def test_jax_rules_are_traced_once_per_types_and_the_users_at_every_call(monkeypatch):
+    # jax.nn.relu's rule is jax's code, a fixed function of its arguments: traced once for
+    # these types. A rule of the user's may read state that changes: traced at every call.
+    global JVP_SCALE
+    from fungrad._src import jaxutil
+
+    traced = []
+    original = jaxutil._trace_jvp_rule
+    monkeypatch.setattr(jaxutil, "_trace_jvp_rule",
+                        lambda jvp, *a, **k: traced.append(jvp.f) or original(jvp, *a, **k))
+    fungrad.clear_caches()
+    relu = lambda w: jnp.sum(jax.nn.relu(w) * w)  # noqa: E731
+    for x in _batches(3):
+        assert_close(fungrad.grad(relu)(x[0]), jax.grad(relu)(x[0]))
+    assert traced == [jax.nn.relu.jvp]
+    traced.clear()
+    cube = lambda w: jnp.sum(_scaled_cube(w))  # noqa: E731
+    try:
+        for scale in (1.0, 2.0, -1.0):
+            JVP_SCALE = scale
+            got = fungrad.grad(cube)(W[0])
+            assert_close(got, jax.grad(cube)(W[0]))
+            assert_close(got, scale * 3 * W[0] ** 2)
+    finally:
+        JVP_SCALE = 1.0
+    assert len(traced) == 3  # one per call
+
+
+def test_only_code_of_jax_counts_as_jax_owned():
+    from fungrad._src.jaxutil import _jax_owned
+
+    assert _jax_owned(jax.nn.relu.jvp) and _jax_owned(jax.nn.relu)
+    assert not _jax_owned(_scaled_cube_jvp) and not _jax_owned(_scaled_cube)
+    assert not _jax_owned(jax.jit(_scaled_cube_jvp))
+    assert not _jax_owned(functools.partial(jax.nn.relu.jvp, _scaled_cube_jvp))
+    assert not _jax_owned((jax.nn.relu.jvp, [1.0]))  # a list may change
 
 
 @jax.custom_jvp

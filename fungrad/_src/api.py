@@ -404,14 +404,45 @@ def _runner(flat: Callable, closed: ClosedJaxpr, reused: bool, values: Sequence[
     compiled once that pays (see `_Dispatch`); a program traced for this call alone (such
     as a loop's path that depends on values) runs op by op, as jax's eager AD runs. Inside
     a trace (jax.jit, vmap, another transform) `flat` is inlined, so the output stays
-    plain lax."""
-    if not reused or not _all_concrete(values):
+    plain lax; in the capture of a transform around this one, a program seen before is
+    one call of its jaxpr, traced once (`_Staged`)."""
+    if not reused:
         return flat
     key = (flat, caching.Identity(closed), static)
+    if not _all_concrete(values):
+        if not jaxutil.in_capture():
+            return flat
+        staged = _staged.get(key)
+        if staged is None:
+            staged = _staged.put(key, _Staged(flat, closed, static))
+        return staged
     dispatch = _dispatches.get(key)
     if dispatch is None:
         dispatch = _dispatches.put(key, _Dispatch(flat, closed, static))
     return dispatch
+
+
+class _Staged:
+    """`flat` for one program inside the capture of another transform (hessian's jacrev,
+    hvp's grad), as jax.jit with `inline`: traced once per input types, and one equation
+    of the capture (inlined with the program once, see `capture`), which saves running
+    fungrad's passes, and tracing their output equation by equation, at every call."""
+
+    def __init__(self, flat: Callable, closed: ClosedJaxpr, static: tuple):
+        self.closed, self.num_static = closed, len(static)
+
+        def derived(*args):
+            return flat(closed, *static, *args)
+
+        derived.__name__ = derived.__qualname__ = jaxutil.DERIVED_PROGRAM
+        self.jitted = jax.jit(derived, inline=True)
+
+    def __call__(self, *args: Any) -> Any:
+        return self.jitted(*args[1 + self.num_static:])
+
+
+_staged = caching.LRU("fungrad.staged", max_entries=512, max_bytes=256 << 20,
+                      size=lambda s: caching.approx_bytes(s.closed))
 
 
 def _all_concrete(values: Sequence[Any]) -> bool:
@@ -519,8 +550,8 @@ def _eager_transform(impl: Callable, config: tuple, fun: Callable, args: tuple,
         return _budgeted_transform(impl, config, fun, args, kwargs, nums, memory_budget)
     dyn = tuple(args[i] for i in nums)
     dyn_leaves, dyn_tree = tree_util.tree_flatten(dyn)
-    if not _all_concrete(tree_util.tree_leaves((args, kwargs))) or not all(
-            map(_is_traceable_array, dyn_leaves)) or debug_nans.enabled():
+    if not all(map(_is_traceable_array, dyn_leaves)) or debug_nans.enabled() or (
+            not _all_concrete(tree_util.tree_leaves((args, kwargs))) and not jaxutil.in_capture()):
         # (Checking, the transforms inside trace the user's function itself: the reports
         # name its lines, and run op by op: the checks' errors reach the caller as raised.)
         return impl(fun, *config, args, kwargs, nums)

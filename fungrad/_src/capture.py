@@ -15,6 +15,8 @@ result computed from state other than the current one.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -64,9 +66,34 @@ def capture(fun: Callable, in_tree: Any, leaves: Sequence[Any], dynamic: Sequenc
         return flat_out
 
     name = getattr(fun, "__name__", None) or type(fun).__name__
-    closed = jaxutil.capture_jaxpr(flat_fun, avals, dyn_leaves, debug or name)
-    program, consts, reused = _canonical(closed)
+    with _collection_paused():
+        closed = jaxutil.capture_jaxpr(flat_fun, avals, dyn_leaves, debug or name,
+                                       defer_calls=True)
+        program, consts, reused = _canonical(closed)
     return Captured(program, out_tree_box[-1], reused), consts
+
+
+# Python's cyclic garbage collector is paused while a capture runs: a trace makes thousands
+# of short-lived objects, and the collections they would trigger (each walking jax's large
+# heap) cost a tenth of an eager call. What the trace leaves is collected once it is over.
+_pause_lock = threading.Lock()
+_pausing = [0, False]  # captures running now; whether the collector was on before the first
+
+
+@contextlib.contextmanager
+def _collection_paused():
+    with _pause_lock:
+        if _pausing[0] == 0:
+            _pausing[1] = gc.isenabled()
+            gc.disable()
+        _pausing[0] += 1
+    try:
+        yield
+    finally:
+        with _pause_lock:
+            _pausing[0] -= 1
+            if _pausing[0] == 0 and _pausing[1]:
+                gc.enable()
 
 
 # --- the program cache: canonical jaxprs by structure -----------------------------------
@@ -106,7 +133,9 @@ def _hoisted(closed: ClosedJaxpr, hoist: list[tuple[int, int]]) -> ClosedJaxpr:
         eqns[i] = eqn.replace(invars=[*eqn.invars[:j], var, *eqn.invars[j + 1:]])
     program = jaxpr.replace(constvars=[], invars=[*jaxpr.invars, *jaxpr.constvars, *new_vars],
                             eqns=eqns)
-    return ClosedJaxpr(program, ())
+    # The calls the trace kept whole are inlined here, once per program: what fungrad
+    # derives from it is what it would derive from jax's trace.
+    return ClosedJaxpr(jaxutil.inline_calls(program), ())
 
 
 def _keeps_value(literal: Literal) -> bool:

@@ -15,6 +15,7 @@ import numpy as np
 from jax._src import ad_util, core, source_info_util, traceback_util
 from jax._src import api_util as _api_util
 from jax._src import config as _config
+from jax._src import custom_derivatives as _custom_derivatives
 from jax._src import dtypes as _dtypes
 from jax._src import linear_util as _lu
 from jax._src.interpreters import batching, mlir
@@ -77,6 +78,13 @@ def api_boundary(fun: Callable) -> Callable:
 
 def is_tracer(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
+
+
+def in_capture() -> bool:
+    """Whether the current trace is a capture that keeps inlinable calls whole: that of a
+    transform around the caller."""
+    trace = core.trace_ctx.trace
+    return type(trace) is _EagerTrace and trace.defers_calls
 
 
 def weak_like(x: Any, example: Any) -> Any:
@@ -583,14 +591,17 @@ _OPPORTUNISTIC_CALLERS = frozenset({
 class _EagerTrace(_pe.DynamicJaxprTrace):
     """A jaxpr trace whose tracers can compute their values from the inputs' values."""
 
-    __slots__ = ("_sources", "_values", "_depends", "_trace_rules")
+    __slots__ = ("_sources", "_values", "_depends", "_trace_rules", "defers_calls")
 
-    def init_values(self, trace_rules: int):
+    def init_values(self, trace_rules: int, defer_calls: bool = False):
         # How deep custom rules are traced while the capture is live: 2, the function's own
         # calls; 1, the calls inside their rules that close over values of a trace (the
         # rule's call of its own function under a vmap: second order needs its rule); 0,
         # none (lazily, as jax does), since a rule may call its own function.
         self._trace_rules = trace_rules
+        # Whether inlinable jit calls (jnp's functions) stay whole: `inline_calls` inlines
+        # them once per program, where jax's trace inlines them at every trace.
+        self.defers_calls = defer_calls
         self._sources: dict[Any, Any] = {}  # input var -> a value, or a tracer to ask
         self._values: dict[Any, Any] = {}
         self._depends: dict[Any, bool] = {}
@@ -603,6 +614,13 @@ class _EagerTrace(_pe.DynamicJaxprTrace):
 
     def _new_const(self, aval, c, source_info):
         return _as_eager(super()._new_const(aval, c, source_info))
+
+    def process_primitive(self, primitive, tracers, params, /):
+        if primitive is prims.jit_p and self.defers_calls and inlinable(params):
+            source_info = source_info_util.current()
+            tracers = [self.to_jaxpr_tracer(t, source_info) for t in tracers]
+            return self.default_process_primitive(primitive, tracers, params, source_info)
+        return super().process_primitive(primitive, tracers, params)
 
     def process_custom_jvp_call(self, prim, fun, jvp, tracers, /, *, symbolic_zeros):
         outs = super().process_custom_jvp_call(prim, fun, jvp, tracers,
@@ -620,7 +638,8 @@ class _EagerTrace(_pe.DynamicJaxprTrace):
         num_consts = params["num_consts"]
         in_zeros = (False,) * (len(eqn.in_tracers) - num_consts)
         try:
-            rule = _trace_jvp_rule(jvp, in_zeros, tracers, self._trace_rules - 1)
+            rule = ((_jax_rule(jvp, in_zeros, tracers) if self._trace_rules == 2 else None)
+                    or _trace_jvp_rule(jvp, in_zeros, tracers, self._trace_rules - 1))
         except Exception:  # e.g. a rule that refuses nonzero tangents (equinox's
             return outs   # `nondifferentiable`): it stays lazy, run only where needed
         closed_over = [c for c in rule[1] if isinstance(c, _pe.DynamicJaxprTracer)]
@@ -866,20 +885,80 @@ def _as_eager(tracer):
 
 
 def _trace_jvp_rule(jvp: Any, in_zeros: tuple[bool, ...], primals: Sequence[Any],
-                    trace_rules: int) -> tuple:
+                    trace_rules: int, values: bool = True) -> tuple:
     """The user's JVP rule as jax's thunk gives it, `(jaxpr, consts, out_zeros)`, traced with
-    primal inputs whose values come from `primals` on demand."""
+    primal inputs whose values come from `primals` on demand (without `values`, none:
+    a rule that asks for one fails)."""
     wrapped, out_zeros = _pe._jvp_jaxpr_zeros(jvp, in_zeros, ())
     avals = [typeof(x) for x in primals]
     tangent_avals = [a.to_tangent_aval() for a in avals]
+    sources = primals if values else [None] * len(primals)
     closed = capture_jaxpr(lambda *args: wrapped.call_wrapped(*args), [*avals, *tangent_avals],
-                           [*primals, *(None for _ in tangent_avals)], "custom_jvp rule",
+                           [*sources, *(None for _ in tangent_avals)], "custom_jvp rule",
                            trace_rules=trace_rules)
     rule = closed.jaxpr, list(closed.consts), out_zeros()
     for store in jvp.stores:  # as jax leaves them: the caller reads the function's store
         if store:
             store.reset()
     return rule
+
+
+# jax's own custom_jvp rules (jax.nn.relu's, jnp.linalg's, ...) traced once per types: they
+# are fixed functions of their arguments (no state, no values asked for), so the jaxpr
+# traced at one call is the one any later call would trace. Any other rule (the user's,
+# another library's) is traced at every call, while the capture is live.
+_jax_rules = caching.LRU("fungrad.jax_rules", max_entries=1024, max_bytes=64 << 20)
+_JAX_DIR = os.path.dirname(os.path.abspath(jax.__file__)) + os.sep
+
+
+def _jax_rule(jvp: Any, in_zeros: tuple[bool, ...], primals: Sequence[Any]) -> tuple | None:
+    """The rule of a custom_jvp function that is jax's own, from the cache or traced without
+    values, or None for any other rule (or one wrapped by another transform, as a vmap's)."""
+    if len(jvp.transforms) != 1 or jvp.params or not _jax_owned(jvp.f):
+        return None
+    gen, static = jvp.transforms[0]
+    if gen is not _FLATTEN_JVP or len(static) != 4:
+        return None
+    primal_name, jvp_name, in_tree, _out_type = static  # the out type: the function's, known
+    key = (jvp.f, primal_name, jvp_name, in_tree, in_zeros, tuple(map(typeof, primals)),
+           _config.trace_context())
+    rule = _jax_rules.get(key)
+    if rule is None:
+        try:
+            rule = _trace_jvp_rule(jvp, in_zeros, primals, trace_rules=1, values=False)
+        except Exception:  # e.g. it asks for a value after all: traced as the user's are
+            return None
+        if any(is_tracer(c) for c in rule[1]):
+            return None
+        rule = _jax_rules.put(key, rule)
+    return rule
+
+
+_PjitFunction = type(jax.jit(lambda: None))
+_UnspecifiedValue = type(UNSPECIFIED)
+_FLATTEN_JVP = getattr(getattr(_custom_derivatives, "_flatten_jvp", None), "args", (None,))[0]
+
+
+def _jax_owned(obj: Any, seen: set[int] | None = None) -> bool:
+    """Whether `obj` is code of jax's own (a function defined in jax's sources, a custom_jvp
+    of them) that holds nothing but such code and immutable values."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or obj is None or type(obj) in (bool, int, float, str):
+        return True
+    seen.add(id(obj))
+    if isinstance(obj, tuple):
+        return all(_jax_owned(x, seen) for x in obj)
+    if isinstance(obj, _custom_derivatives.custom_jvp):
+        return _jax_owned(obj.fun, seen) and _jax_owned(obj.jvp, seen)
+    if isinstance(obj, functools.partial):
+        return (_jax_owned(obj.func, seen) and _jax_owned(obj.args, seen)
+                and _jax_owned(tuple(obj.keywords.values()), seen))
+    if type(obj) is _PjitFunction:  # jax.jit of a function: that function
+        return _jax_owned(getattr(obj, "__wrapped__", None), seen)
+    code = getattr(obj, "__code__", None)
+    if code is None or not code.co_filename.startswith(_JAX_DIR):
+        return False
+    return all(_jax_owned(cell.cell_contents, seen) for cell in obj.__closure__ or ())
 
 
 def _jvp_thunk_with(thunk: Any, in_zeros: tuple[bool, ...], rule: tuple) -> Any:
@@ -937,12 +1016,14 @@ _EAGER_TRACE_SUPPORTED = (
 
 
 def capture_jaxpr(fun: Callable, avals: Sequence[Any], sources: Sequence[Any],
-                  name: str | DebugInfo, trace_rules: int = 2) -> ClosedJaxpr:
+                  name: str | DebugInfo, trace_rules: int = 2,
+                  defer_calls: bool = False) -> ClosedJaxpr:
     """Traces `fun(*flat_args) -> flat_outs` to a closed jaxpr, like `trace_to_jaxpr`,
     with tracers that can compute their concrete value from `sources` (one per input:
     a value, or an outer tracer asked for its own) when the Python code needs it.
 
-    Values the function closes over stay what they are: constants of the jaxpr.
+    Values the function closes over stay what they are: constants of the jaxpr. With
+    `defer_calls`, the calls jax would inline stay whole (see `inline_calls`).
     """
     debug = DebugInfo("fungrad", name, None, None) if isinstance(name, str) else name
     debug = debug._replace(result_paths=None)
@@ -953,7 +1034,7 @@ def capture_jaxpr(fun: Callable, avals: Sequence[Any], sources: Sequence[Any],
         jaxpr, _, consts = _pe.trace_to_jaxpr_dynamic(wrapped, list(avals))
         return ClosedJaxpr(jaxpr, consts)
     trace = _EagerTrace(debug, parent_trace=core.trace_ctx.trace)
-    trace.init_values(trace_rules)
+    trace.init_values(trace_rules, defer_calls)
     with (core.ensure_no_leaks(trace), source_info_util.reset_name_stack(),
           _pe.TracebackScope()):
         source_info = source_info_util.current()
@@ -970,6 +1051,76 @@ def capture_jaxpr(fun: Callable, avals: Sequence[Any], sources: Sequence[Any],
     if core.internal_mutable_array_effect in jaxpr.effects:
         closed = discharge_refs(closed)
     return closed
+
+
+# --- jit calls kept whole by a capture, inlined once per program --------------------------
+
+
+def inlinable(params: dict) -> bool:
+    """Whether a jit call is one jax inlines into the trace that calls it (jnp's functions,
+    fungrad's staged programs), with nothing that inlining would have to rewrite."""
+    closed = params["jaxpr"]
+    return bool(params["inline"] and not closed.consts and not closed.effects
+                and not params["compiler_options_kvs"]
+                and all(type(s) is _UnspecifiedValue
+                        for s in (*params["in_shardings"], *params["out_shardings"]))
+                and all(x is None for x in (*params["in_layouts"], *params["out_layouts"])))
+
+
+# The name of the jit calls of fungrad's derived programs (see api._Staged): no Python
+# function has a dotted name. Their equations carry the user's lines already (as those of
+# jax's functions do not).
+DERIVED_PROGRAM = "fungrad.derived"
+
+
+class _CallOutputs:
+    """In `inline_calls`' work list: where an inlined call's outputs are known."""
+
+    def __init__(self, outer: Sequence[Any], inner: Sequence[Any]):
+        self.outer, self.inner = outer, inner
+
+
+def inline_calls(jaxpr: Jaxpr) -> Jaxpr:
+    """`jaxpr` with its inlinable jit calls (see `inlinable`) replaced by their equations,
+    where jax's trace would have put them: under the call's source line, with the call's
+    name stack in front of theirs."""
+    if not any(eqn.primitive is prims.jit_p for eqn in jaxpr.eqns):
+        return jaxpr
+    rename: dict[Any, Any] = {}
+
+    def atom(a):
+        return a if type(a) is Literal else rename.get(a, a)
+
+    eqns: list[JaxprEqn] = []
+    todo: list[tuple[Any, JaxprEqn | None]] = [(eqn, None) for eqn in reversed(jaxpr.eqns)]
+    while todo:
+        eqn, caller = todo.pop()
+        if type(eqn) is _CallOutputs:
+            rename.update((o, atom(i)) for o, i in zip(eqn.outer, eqn.inner, strict=True))
+            continue
+        invars = [atom(a) for a in eqn.invars]
+        if eqn.primitive is prims.jit_p and inlinable(eqn.params):
+            inner = eqn.params["jaxpr"].jaxpr
+            rename.update(zip(inner.invars, invars, strict=True))
+            todo.append((_CallOutputs(eqn.outvars, inner.outvars), None))
+            todo.extend((e, caller or eqn) for e in reversed(inner.eqns))
+            continue
+        if caller is None:
+            eqns.append(eqn.replace(invars=invars))
+            continue
+        # An equation of an inlined call (whose jaxpr may be inlined more than once): new
+        # variables, and the caller's line.
+        outvars = []
+        for v in eqn.outvars:
+            if type(v) is Var:
+                rename[v] = v = Var(v.aval)
+            outvars.append(v)
+        info = caller.source_info
+        if caller.params["name"] != DERIVED_PROGRAM:  # a derived program keeps the user's lines
+            eqn = eqn.replace(source_info=info.replace(
+                name_stack=info.name_stack + eqn.source_info.name_stack))
+        eqns.append(eqn.replace(invars=invars, outvars=outvars))
+    return jaxpr.replace(eqns=eqns, outvars=[atom(a) for a in jaxpr.outvars])
 
 
 # --- fungrad.explain: where an equation comes from -----------------------------------------
