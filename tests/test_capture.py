@@ -1,6 +1,7 @@
 """Capture means what jax.grad means: Python runs on every call, reads the current state,
 may branch on values; the program cache is keyed by what was traced, so it never goes stale."""
 
+import collections
 import functools
 
 import jax
@@ -555,3 +556,56 @@ def test_a_jax_without_the_eager_trace_layout_falls_back_to_plain_tracing(monkey
 
 
 G2 = jnp.arange(3.0)
+
+
+def test_calls_kept_whole_by_capture_inline_to_what_jax_traces():
+    # jnp's functions stay one call each during capture and are inlined once per program:
+    # the program has the equations of jax's own trace, with the user's lines.
+    from fungrad._src import jaxutil
+
+    def f(x):
+        return jnp.sum(jnp.where(x > 0, jnp.sqrt(jnp.abs(x)), 0.0) * jnp.mean(x)) + jnp.var(x)
+
+    x = jnp.linspace(-1.0, 2.0, 7)
+    kept = jaxutil.capture_jaxpr(lambda x: [f(x)], [jax.typeof(x)], [x], "f", defer_calls=True)
+    assert any(e.primitive is jaxutil.prims.jit_p for e in kept.jaxpr.eqns)
+    inlined = jaxutil.inline_calls(kept.jaxpr)
+    traced = jax.make_jaxpr(f)(x).jaxpr
+    ours = collections.Counter(str(e.primitive) for e in inlined.eqns)
+    theirs = collections.Counter(str(e.primitive) for e in traced.eqns)
+    # jax's trace folds conversions and broadcasts of literals; inlining does not (XLA does)
+    assert not theirs - ours and set(ours - theirs) <= {"convert_element_type", "broadcast_in_dim"}
+    assert all(__file__ in jaxutil.source_line(e) for e in inlined.eqns)
+    assert_close(jaxutil.eval_jaxpr(inlined, kept.consts, x)[0], f(x))
+    assert_close(fungrad.grad(f)(x), jax.grad(f)(x))
+
+
+def test_a_transform_inside_another_is_staged_once_and_runs_the_users_python_each_call():
+    from fungrad._src import api
+
+    fungrad.clear_caches()
+    for step, x in enumerate(_batches(4)):
+        traces.clear()
+        for ours, theirs in [(fungrad.hessian(lambda w: _loss(w, x)), jax.hessian(lambda w: _loss(w, x))),  # noqa: B023
+                             (lambda w: fungrad.hvp(lambda w: _loss(w, x), (w,), (w,)),  # noqa: B023
+                              lambda w: (jax.jvp(jax.grad(lambda w: _loss(w, x)), (w,), (w,))[1],))]:  # noqa: B023
+            assert_close(ours(W), theirs(W))
+        assert len(traces) >= 2  # the user's Python ran for ours (and jax's) at every call
+        if step >= 2:
+            assert api._staged.info().hits > 0
+
+
+def test_the_collector_is_back_on_after_a_capture_even_one_that_raises():
+    import gc
+
+    assert gc.isenabled()
+    fungrad.grad(lambda x: jnp.sum(x ** 2))(W)
+    with pytest.raises(ZeroDivisionError):
+        fungrad.grad(lambda x: 1 / 0)(W)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        fungrad.grad(lambda x: jnp.sum(x ** 2))(W)
+        assert not gc.isenabled()  # the user's choice stands
+    finally:
+        gc.enable()
