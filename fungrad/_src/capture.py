@@ -244,7 +244,7 @@ _SMALL = 64  # constants of nested jaxprs up to this many elements are keyed by 
 
 
 # Parameter types that are their own key (the common case, checked first).
-_PLAIN = frozenset({str, int, bool, float, type(None), np.dtype})
+_PLAIN = frozenset({str, int, bool, float, type(None), np.dtype, jaxutil.UnspecifiedValue})
 
 
 def _value_key(value: Any) -> Any:

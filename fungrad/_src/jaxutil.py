@@ -935,7 +935,7 @@ def _jax_rule(jvp: Any, in_zeros: tuple[bool, ...], primals: Sequence[Any]) -> t
 
 
 _PjitFunction = type(jax.jit(lambda: None))
-_UnspecifiedValue = type(UNSPECIFIED)
+UnspecifiedValue = type(UNSPECIFIED)  # jit's sharding parameters when none is given
 _FLATTEN_JVP = getattr(getattr(_custom_derivatives, "_flatten_jvp", None), "args", (None,))[0]
 
 
@@ -1062,7 +1062,7 @@ def inlinable(params: dict) -> bool:
     closed = params["jaxpr"]
     return bool(params["inline"] and not closed.consts and not closed.effects
                 and not params["compiler_options_kvs"]
-                and all(type(s) is _UnspecifiedValue
+                and all(type(s) is UnspecifiedValue
                         for s in (*params["in_shardings"], *params["out_shardings"]))
                 and all(x is None for x in (*params["in_layouts"], *params["out_layouts"])))
 
