@@ -585,12 +585,13 @@ def test_a_transform_inside_another_is_staged_once_and_runs_the_users_python_eac
 
     fungrad.clear_caches()
     for step, x in enumerate(_batches(4)):
-        traces.clear()
         for ours, theirs in [(fungrad.hessian(lambda w: _loss(w, x)), jax.hessian(lambda w: _loss(w, x))),  # noqa: B023
                              (lambda w: fungrad.hvp(lambda w: _loss(w, x), (w,), (w,)),  # noqa: B023
                               lambda w: (jax.jvp(jax.grad(lambda w: _loss(w, x)), (w,), (w,))[1],))]:  # noqa: B023
-            assert_close(ours(W), theirs(W))
-        assert len(traces) >= 2  # the user's Python ran for ours (and jax's) at every call
+            traces.clear()
+            got = ours(W)
+            assert traces  # the user's Python ran in fungrad's call, as in jax's
+            assert_close(got, theirs(W))
         if step >= 2:
             assert api._staged.info().hits > 0
 
