@@ -415,27 +415,40 @@ JVP_SCALE = 1.0
 
 
 def test_jax_rules_are_traced_once_per_types_and_the_users_at_every_call(monkeypatch):
-    # jax.nn.relu's rule is jax's code, a fixed function of its arguments: traced once for
-    # these types. A rule of the user's may read state that changes: traced at every call.
+    # jax.nn.relu's function and rule are jax's code, fixed functions of their arguments:
+    # traced once for these types. A user's may read state that changes: traced at every call.
     global JVP_SCALE
     from fungrad._src import jaxutil
 
-    traced = []
+    traced, functions = [], []
     original = jaxutil._trace_jvp_rule
     monkeypatch.setattr(jaxutil, "_trace_jvp_rule",
                         lambda jvp, *a, **k: traced.append(jvp.f) or original(jvp, *a, **k))
+    trace_function = jaxutil._pe.trace_to_jaxpr_dynamic  # jax's trace of a custom_jvp's function
+    monkeypatch.setattr(jaxutil._pe, "trace_to_jaxpr_dynamic",
+                        lambda f, *a, **k: functions.append(f.f) or trace_function(f, *a, **k))
     fungrad.clear_caches()
     relu = lambda w: jnp.sum(jax.nn.relu(w) * w)  # noqa: E731
-    for x in _batches(3):
-        assert_close(fungrad.grad(relu)(x[0]), jax.grad(relu)(x[0]))
+    xs = [x[0] for x in _batches(3)]
+    wants = [jax.grad(relu)(x) for x in xs]
+    traced.clear()
+    functions.clear()
+    for i, (x, want) in enumerate(zip(xs, wants, strict=True)):
+        calls = len(functions)
+        assert_close(fungrad.grad(relu)(x), want)
+        assert (jax.nn.relu.fun in functions[calls:]) == (i == 0)  # then from the cache
     assert traced == [jax.nn.relu.jvp]
     traced.clear()
+    functions.clear()
     cube = lambda w: jnp.sum(_scaled_cube(w))  # noqa: E731
     try:
         for scale in (1.0, 2.0, -1.0):
             JVP_SCALE = scale
+            want = jax.grad(cube)(W[0])
+            calls = len(functions)
             got = fungrad.grad(cube)(W[0])
-            assert_close(got, jax.grad(cube)(W[0]))
+            assert functions[calls:].count(_scaled_cube.fun) == 1  # traced at every call
+            assert_close(got, want)
             assert_close(got, scale * 3 * W[0] ** 2)
     finally:
         JVP_SCALE = 1.0
@@ -596,11 +609,19 @@ def test_a_transform_inside_another_is_staged_once_and_runs_the_users_python_eac
             assert api._staged.info().hits > 0
 
 
-def test_the_collector_is_back_on_after_a_capture_even_one_that_raises():
+def test_the_collector_is_paused_for_a_call_and_back_on_after_it_even_one_that_raises():
     import gc
 
     assert gc.isenabled()
-    fungrad.grad(lambda x: jnp.sum(x ** 2))(W)
+    seen = []
+
+    def loss(x):
+        seen.append(gc.isenabled())
+        return jnp.sum(x ** 2)
+
+    fungrad.grad(loss)(W)
+    fungrad.hessian(loss)(W)  # nested transforms: back on once the outer one returns
+    assert seen == [False, False] and gc.isenabled()
     with pytest.raises(ZeroDivisionError):
         fungrad.grad(lambda x: 1 / 0)(W)
     assert gc.isenabled()
@@ -610,3 +631,31 @@ def test_the_collector_is_back_on_after_a_capture_even_one_that_raises():
         assert not gc.isenabled()  # the user's choice stands
     finally:
         gc.enable()
+
+
+def _two_relus(x):
+    a = jax.nn.relu(x)  # the first call's line
+    b = jax.nn.relu(2 * x)  # the second's: the same types
+    return [a * b]
+
+
+def test_jax_custom_jvp_calls_from_the_cache_have_the_lines_of_jaxs_trace():
+    # jax traces a custom_jvp's function and rule with the stack reset: their equations
+    # record no line of the caller, the same for every call, and the call's equation its
+    # own line. Those from fungrad's cache (the second capture) are what jax's trace gives.
+    from jax._src import source_info_util
+
+    from fungrad._src import jaxutil
+
+    def lines(jaxpr):
+        where = lambda e: getattr(source_info_util.user_frame(e.source_info.traceback),  # noqa: E731
+                                  "start_line", None)
+        return [(where(e), [where(i) for i in e.params["call_jaxpr"].jaxpr.eqns])
+                for e in jaxpr.eqns if e.primitive.name == "custom_jvp_call"]
+
+    first = _two_relus.__code__.co_firstlineno + 1
+    want = lines(jax.make_jaxpr(_two_relus)(W[0]).jaxpr)
+    assert [line for line, _ in want] == [first, first + 1]
+    for _ in range(2):
+        closed = jaxutil.capture_jaxpr(_two_relus, [jaxutil.typeof(W[0])], [W[0]], "two_relus")
+        assert lines(closed.jaxpr) == want

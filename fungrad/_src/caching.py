@@ -70,6 +70,23 @@ class Identity:
         return isinstance(other, Identity) and other.value is self.value
 
 
+class Hashed:
+    """A key hashed once: a structural key is hashed when looked up, when stored, when
+    moved to the front of an LRU and as part of every key that nests it."""
+
+    __slots__ = ("key", "hash")
+
+    def __init__(self, key: Hashable):
+        self.key, self.hash = key, hash(key)
+
+    def __hash__(self) -> int:
+        return self.hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (isinstance(other, Hashed) and other.hash == self.hash
+                                 and other.key == self.key)
+
+
 @dataclasses.dataclass(frozen=True)
 class CacheInfo:
     name: str

@@ -15,8 +15,6 @@ result computed from state other than the current one.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -66,34 +64,11 @@ def capture(fun: Callable, in_tree: Any, leaves: Sequence[Any], dynamic: Sequenc
         return flat_out
 
     name = getattr(fun, "__name__", None) or type(fun).__name__
-    with _collection_paused():
+    with jaxutil.collection_paused():
         closed = jaxutil.capture_jaxpr(flat_fun, avals, dyn_leaves, debug or name,
                                        defer_calls=True)
         program, consts, reused = _canonical(closed)
     return Captured(program, out_tree_box[-1], reused), consts
-
-
-# Python's cyclic garbage collector is paused while a capture runs: a trace makes thousands
-# of short-lived objects, and the collections they would trigger (each walking jax's large
-# heap) cost a tenth of an eager call. What the trace leaves is collected once it is over.
-_pause_lock = threading.Lock()
-_pausing = [0, False]  # captures running now; whether the collector was on before the first
-
-
-@contextlib.contextmanager
-def _collection_paused():
-    with _pause_lock:
-        if _pausing[0] == 0:
-            _pausing[1] = gc.isenabled()
-            gc.disable()
-        _pausing[0] += 1
-    try:
-        yield
-    finally:
-        with _pause_lock:
-            _pausing[0] -= 1
-            if _pausing[0] == 0 and _pausing[1]:
-                gc.enable()
 
 
 # --- the program cache: canonical jaxprs by structure -----------------------------------
@@ -111,7 +86,7 @@ def _canonical(closed: ClosedJaxpr) -> tuple[ClosedJaxpr, list[Any], bool]:
              if type(a) is Literal and not _keeps_value(a)]
     consts = [*closed.consts, *(jaxpr.eqns[i].invars[j].val for i, j in hoist)]
     try:
-        key = _structure(jaxpr, hoist_literals=True)
+        key = caching.Hashed(_structure(jaxpr, hoist_literals=True))
     except _Unkeyable:
         return _hoisted(closed, hoist), consts, False
     entry = _programs.get(key)
@@ -175,21 +150,33 @@ def _structure(jaxpr: Jaxpr, hoist_literals: bool) -> Any:
 
 
 # Keys of nested jaxprs by identity (jax reuses the jaxpr of a jitted function across
-# traces).
+# traces), hashed once: a key that nests them hashes them by their stored hash, and
+# compares them by identity where both traces hold the same jaxpr.
 _sub_keys = caching.LRU("fungrad.nested_keys", max_entries=4096, max_bytes=64 << 20,
-                        size=lambda key: 2 * caching.EQUATION_BYTES * (len(key[2]) + 1))
+                        size=lambda key: 2 * caching.EQUATION_BYTES * (len(key.key[2]) + 1))
 
 
-def _jaxpr_key(jaxpr: Jaxpr) -> Any:
+def _jaxpr_key(jaxpr: Jaxpr) -> caching.Hashed:
     identity = caching.Identity(jaxpr)
     key = _sub_keys.get(identity)
     if key is None:
-        key = _sub_keys.put(identity, _structure(jaxpr, hoist_literals=False))
+        key = _sub_keys.put(identity, caching.Hashed(_structure(jaxpr, hoist_literals=False)))
     return key
+
+
+# The parameters of a jit call that jax would inline (`jaxutil.inlinable`: no constants,
+# shardings, layouts or compiler options to key), the common equation of a capture.
+_INLINABLE_JIT_PARAMS = frozenset({"jaxpr", "in_shardings", "out_shardings", "in_layouts",
+                                   "out_layouts", "donated_invars", "ctx_mesh", "name",
+                                   "keep_unused", "inline", "compiler_options_kvs"})
 
 
 def _eqn_params_key(eqn: Any) -> Any:
     params = eqn.params
+    if (eqn.primitive is jaxutil.prims.jit_p and params.keys() == _INLINABLE_JIT_PARAMS
+            and jaxutil.inlinable(params)):
+        return ("inlinable", _jaxpr_key(params["jaxpr"].jaxpr), params["donated_invars"],
+                params["ctx_mesh"], params["name"], params["keep_unused"])
     if eqn.primitive is jaxutil.prims.custom_jvp_call_p:
         return _custom_jvp_key(eqn)
     if eqn.primitive is jaxutil.prims.custom_vjp_call_p:

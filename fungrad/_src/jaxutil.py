@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import os
 import sys
 import threading
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -63,17 +65,45 @@ traceback_util.register_exclusion(os.path.dirname(os.path.dirname(os.path.abspat
 
 
 def api_boundary(fun: Callable) -> Callable:
-    """A public transform: jax's traceback boundary, and jax's FloatingPointError (under
-    jax_debug_nans) where a rule ran a jitted computation that made a nan or inf."""
+    """A public transform: jax's traceback boundary, the collector paused for the call (see
+    `collection_paused`), and jax's FloatingPointError (under jax_debug_nans) where a rule
+    ran a jitted computation that made a nan or inf."""
     @functools.wraps(fun)
     def transform(*args, **kwargs):
         try:
-            return fun(*args, **kwargs)
+            with collection_paused():
+                return fun(*args, **kwargs)
         except _api_util.InternalFloatingPointError as err:
             raise FloatingPointError(f"invalid value ({err.ty}) encountered in {err.name}; "
                                      "fungrad computed it in a derivative") from None
 
     return traceback_util.api_boundary(transform)
+
+
+# Python's cyclic garbage collector is paused for a transform's call (and a capture's): a
+# trace makes tens of thousands of objects, freed by their reference counts when the call
+# is over. Collections during the call would walk them (and jax's large heap: a full
+# collection every few dozen calls of a large model cost a tenth of its eager call), and
+# resuming between the trace and the end of the call would promote the live trace to the
+# old generations. Garbage in cycles made during the call is collected after it.
+_pause_lock = threading.Lock()
+_pausing = [0, False]  # calls paused now; whether the collector was on before the first
+
+
+@contextlib.contextmanager
+def collection_paused():
+    with _pause_lock:
+        if _pausing[0] == 0:
+            _pausing[1] = gc.isenabled()
+            gc.disable()
+        _pausing[0] += 1
+    try:
+        yield
+    finally:
+        with _pause_lock:
+            _pausing[0] -= 1
+            if _pausing[0] == 0 and _pausing[1]:
+                gc.enable()
 
 
 def is_tracer(x: Any) -> bool:
@@ -623,6 +653,10 @@ class _EagerTrace(_pe.DynamicJaxprTrace):
         return super().process_primitive(primitive, tracers, params)
 
     def process_custom_jvp_call(self, prim, fun, jvp, tracers, /, *, symbolic_zeros):
+        if self._trace_rules == 2 and not symbolic_zeros:
+            outs = self._jax_custom_jvp_call(prim, fun, jvp, tracers)
+            if outs is not None:
+                return outs
         outs = super().process_custom_jvp_call(prim, fun, jvp, tracers,
                                                symbolic_zeros=symbolic_zeros)
         eqn = getattr(outs[0], "parent", None) if outs else None
@@ -645,9 +679,35 @@ class _EagerTrace(_pe.DynamicJaxprTrace):
         closed_over = [c for c in rule[1] if isinstance(c, _pe.DynamicJaxprTracer)]
         if closed_over:  # the rule closes over values of this trace (a vmapped value)
             rule, in_zeros = self._pass_closed_over(eqn, params, rule, closed_over)
-        params["jvp_jaxpr_fun"] = _jvp_thunk_with(params["jvp_jaxpr_fun"], in_zeros, rule)
+        params["jvp_jaxpr_fun"] = _jvp_thunk_with(params["jvp_jaxpr_fun"].debug_info, in_zeros,
+                                                   rule)
         eqn.params = params
         return outs
+
+    def _jax_custom_jvp_call(self, prim, fun, jvp, tracers) -> list | None:
+        """A custom_jvp call of jax's own (jax.nn.relu, ...) as jax's trace makes it, with
+        its function's jaxpr and its rule's each traced once per types (`_jax_call`,
+        `_jax_rule`), or None where the call is not one (jax's trace makes it then)."""
+        if (not _JAX_CALL_SUPPORTED or getattr(self, "requires_low", False)
+                or getattr(_rebinding_state, "depth", 0)
+                or not any(isinstance(t, core.Tracer) for t in tracers)
+                or not _jax_wrapped(fun, _FLATTEN_FUN) or not _jax_wrapped(jvp, _FLATTEN_JVP)):
+            return None
+        source_info = source_info_util.current()
+        tracers = [self.to_jaxpr_tracer(t, source_info) for t in tracers]
+        in_zeros = (False,) * len(tracers)
+        rule = _jax_rule(jvp, in_zeros, tracers)
+        if rule is None:
+            return None
+        call_jaxpr, consts, out_type = _jax_call(fun, tuple(t.aval for t in tracers))
+        fun.stores[0].store(out_type)  # what the function's trace leaves for its caller
+        self.frame.is_high |= getattr(call_jaxpr.jaxpr, "is_high", False)
+        params = dict(call_jaxpr=call_jaxpr,
+                      jvp_jaxpr_fun=_jvp_thunk_with(jvp.debug_info, in_zeros, rule),
+                      num_consts=len(consts), symbolic_zeros=False)
+        const_tracers = [self.to_jaxpr_tracer(c, source_info) for c in consts]
+        return self.emit_eqn([*const_tracers, *tracers], out_type[1], prim, params,
+                             core.positional_effects(call_jaxpr), source_info=source_info)
 
     def process_custom_vjp_call(self, prim, fun, fwd, bwd, tracers, /, *, out_trees,
                                 symbolic_zeros):
@@ -913,7 +973,9 @@ _JAX_DIR = os.path.dirname(os.path.abspath(jax.__file__)) + os.sep
 
 def _jax_rule(jvp: Any, in_zeros: tuple[bool, ...], primals: Sequence[Any]) -> tuple | None:
     """The rule of a custom_jvp function that is jax's own, from the cache or traced without
-    values, or None for any other rule (or one wrapped by another transform, as a vmap's)."""
+    values, or None for any other rule (or one wrapped by another transform, as a vmap's).
+    Its equations record their stack and name stack from the rule down, as jax's trace of
+    it does: the same whatever the call's."""
     if len(jvp.transforms) != 1 or jvp.params or not _jax_owned(jvp.f):
         return None
     gen, static = jvp.transforms[0]
@@ -934,9 +996,42 @@ def _jax_rule(jvp: Any, in_zeros: tuple[bool, ...], primals: Sequence[Any]) -> t
     return rule
 
 
+_jax_calls = caching.LRU("fungrad.jax_calls", max_entries=1024, max_bytes=64 << 20)
+
+
+def _jax_call(fun: Any, in_avals: tuple) -> tuple:
+    """The function of a custom_jvp call of jax's own as jax's trace makes it: its closed
+    jaxpr, its constants and what its flattening stores (output tree and types), from the
+    cache or traced now. jax traces it with the stack and name stack reset, so its
+    equations are the same whatever the call's lines."""
+    key = (fun.f, fun.transforms[0][1], in_avals, _config.trace_context())
+    hit = _jax_calls.get(key)
+    if hit is not None:
+        return hit
+    jaxpr, _, consts = _pe.trace_to_jaxpr_dynamic(fun, list(in_avals))
+    call = (ClosedJaxpr(_pe.convert_constvars_jaxpr(jaxpr), ()), list(consts), fun.stores[0].val)
+    fun.stores[0].reset()  # filled again by the caller, as for a call from the cache
+    if any(is_tracer(c) for c in consts):
+        return call
+    return _jax_calls.put(key, call)
+
+
+def _jax_wrapped(fun: Any, flatten: Any) -> bool:
+    """Whether `fun` is jax's own code wrapped only by custom_jvp's flattening `flatten`."""
+    return (len(fun.transforms) == 1 and not fun.params and fun.transforms[0][0] is flatten
+            and _jax_owned(fun.f))
+
+
 _PjitFunction = type(jax.jit(lambda: None))
 UnspecifiedValue = type(UNSPECIFIED)  # jit's sharding parameters when none is given
 _FLATTEN_JVP = getattr(getattr(_custom_derivatives, "_flatten_jvp", None), "args", (None,))[0]
+_FLATTEN_FUN = getattr(getattr(_custom_derivatives, "_flatten_fun_nokwargs", None), "args",
+                       (None,))[0]
+# What `_jax_custom_jvp_call` relies on in jax's trace and stores (another jax release that
+# lays them out otherwise gets jax's own trace of every call).
+_JAX_CALL_SUPPORTED = (None not in (_FLATTEN_JVP, _FLATTEN_FUN)
+                       and hasattr(_pe.DynamicJaxprTrace, "emit_eqn")
+                       and hasattr(_lu.Store, "reset") and hasattr(_lu.Store, "val"))
 
 
 def _jax_owned(obj: Any, seen: set[int] | None = None) -> bool:
@@ -961,8 +1056,8 @@ def _jax_owned(obj: Any, seen: set[int] | None = None) -> bool:
     return all(_jax_owned(cell.cell_contents, seen) for cell in obj.__closure__ or ())
 
 
-def _jvp_thunk_with(thunk: Any, in_zeros: tuple[bool, ...], rule: tuple) -> Any:
-    """jax's rule thunk, answering the pattern `in_zeros` with the rule traced already."""
+def _jvp_thunk_with(debug: DebugInfo, in_zeros: tuple[bool, ...], rule: tuple) -> Any:
+    """A rule thunk as jax's, answering the pattern `in_zeros` with the rule traced already."""
     def jvp_jaxpr_fun(*zeros):
         if tuple(zeros) == in_zeros:
             return rule
@@ -973,7 +1068,7 @@ def _jvp_thunk_with(thunk: Any, in_zeros: tuple[bool, ...], rule: tuple) -> Any:
         # Not the user's rule again: it may close over values of a trace that has ended.
         return _rule_with_zeros(rule, zeros)
 
-    return _lu.wrap_init(jvp_jaxpr_fun, debug_info=thunk.debug_info)
+    return _lu.wrap_init(jvp_jaxpr_fun, debug_info=debug)
 
 
 def _rule_with_zeros(rule: tuple, zeros: Sequence[bool]) -> tuple:
@@ -999,12 +1094,47 @@ def _rule_with_zeros(rule: tuple, zeros: Sequence[bool]) -> tuple:
 def user_debug_info(traced_for: str, fun: Callable, args: Sequence[Any],
                     diff_argnums: Sequence[int]) -> DebugInfo:
     """What jax's messages say of a trace: the user's function (name, file and line) and
-    the names of the differentiated arguments' leaves, the trace's inputs."""
+    the names of the differentiated arguments' leaves, the trace's inputs.
+
+    For a plain Python function, cached by what the answer is made of: its code, name and
+    which parameters have defaults (`inspect.signature` costs a tenth of a small eager
+    call), and the arguments' tree.
+    """
+    args = tuple(args)
     static = [i for i in range(len(args)) if i not in diff_argnums]
-    try:
-        return _api_util.debug_info(traced_for, fun, tuple(args), {}, static_argnums=static)
-    except Exception:  # a callable jax cannot inspect: its name alone
-        return DebugInfo(traced_for, getattr(fun, "__name__", type(fun).__name__), None, None)
+    key = _signature_key(fun)
+    if key is not None:
+        key = (traced_for, key, jax.tree_util.tree_structure(args), tuple(static))
+        try:
+            hash(key)
+        except TypeError:  # a pytree node whose data has no hash
+            key = None
+    debug = _debug_infos.get(key) if key is not None else None
+    if debug is None:
+        try:
+            debug = _api_util.debug_info(traced_for, fun, args, {}, static_argnums=static)
+        except Exception:  # a callable jax cannot inspect: its name alone
+            debug = DebugInfo(traced_for, getattr(fun, "__name__", type(fun).__name__), None,
+                              None)
+        if key is not None:
+            debug = _debug_infos.put(key, debug)
+    return debug
+
+
+_debug_infos = caching.LRU("fungrad.debug_infos", max_entries=1024, max_bytes=16 << 20,
+                           size=lambda d: 64 * (len(d.arg_names or ()) + 4))
+
+
+def _signature_key(fun: Any) -> tuple | None:
+    """What jax's debug info of `fun` is made of, for a plain function (or a method of one)
+    that carries nothing that changes its signature (`__wrapped__`, `__signature__`);
+    None for any other callable."""
+    bound = type(fun) is types.MethodType
+    func = fun.__func__ if bound else fun
+    if type(func) is not types.FunctionType or func.__dict__:
+        return None
+    return (bound, func.__code__, func.__name__, len(func.__defaults__ or ()),
+            tuple(func.__kwdefaults__ or ()))
 
 
 # What the eager trace relies on in jax's tracer (checked once, so that a jax release that
@@ -1062,9 +1192,13 @@ def inlinable(params: dict) -> bool:
     closed = params["jaxpr"]
     return bool(params["inline"] and not closed.consts and not closed.effects
                 and not params["compiler_options_kvs"]
-                and all(type(s) is UnspecifiedValue
-                        for s in (*params["in_shardings"], *params["out_shardings"]))
-                and all(x is None for x in (*params["in_layouts"], *params["out_layouts"])))
+                and _only(params["in_shardings"], UNSPECIFIED)
+                and _only(params["out_shardings"], UNSPECIFIED)
+                and _only(params["in_layouts"], None) and _only(params["out_layouts"], None))
+
+
+def _only(items: tuple, value: Any) -> bool:
+    return items.count(value) == len(items)  # by identity first: jax's singletons
 
 
 # The name of the jit calls of fungrad's derived programs (see api._Staged): no Python
