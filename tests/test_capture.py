@@ -389,6 +389,21 @@ def test_equal_structure_with_other_constants_is_a_different_result():
         assert_close(fungrad.grad(make(c))(X), jax.grad(make(c))(X))
 
 
+def test_a_constant_output_is_that_of_the_current_call():
+    # A Python float the function returns as it is (an aux metric, a constant output) is
+    # a literal output of the trace: of this call's value, not of the first trace's.
+    for c in (1.5, 2.5, -3.0):
+        aux = lambda x: (jnp.sum(x * x), c)  # noqa: B023, E731
+        (got, got_aux), (want, want_aux) = (fungrad.grad(aux, has_aux=True)(X),
+                                            jax.grad(aux, has_aux=True)(X))
+        assert_close(got, want)
+        assert float(got_aux) == want_aux == c
+        for _ in range(3):  # until its program runs compiled
+            out, pullback = fungrad.vjp(lambda x: (jnp.sin(x), c), X)  # noqa: B023
+            assert float(out[1]) == c
+        assert_close(pullback((X, 1.0))[0], jax.vjp(lambda x: (jnp.sin(x), c), X)[1]((X, 1.0))[0])  # noqa: B023
+
+
 def test_linearize_returns_a_pytree_that_passes_into_and_out_of_jit():
     def f(x):
         return jnp.sin(x) * x

@@ -82,12 +82,15 @@ def _canonical(closed: ClosedJaxpr) -> tuple[ClosedJaxpr, list[Any], bool]:
     """The shared program equal to `closed` with its constants as trailing inputs, those
     constants, and whether an earlier call traced the same program."""
     jaxpr = closed.jaxpr
-    hoist = [(i, j) for i, eqn in enumerate(jaxpr.eqns) for j, a in enumerate(eqn.invars)
-             if type(a) is Literal and not _keeps_value(a)]
-    consts = [*closed.consts, *(jaxpr.eqns[i].invars[j].val for i, j in hoist)]
+    hoist: list[tuple[int, int]] = []
     try:
-        key = caching.Hashed(_structure(jaxpr, hoist_literals=True))
+        key = caching.Hashed(_structure(jaxpr, hoist))
     except _Unkeyable:
+        key = None
+        hoist = _hoist_positions(jaxpr)
+    operands = [*(eqn.invars for eqn in jaxpr.eqns), jaxpr.outvars]
+    consts = [*closed.consts, *(operands[i][j].val for i, j in hoist)]
+    if key is None:
         return _hoisted(closed, hoist), consts, False
     entry = _programs.get(key)
     if entry is not None:
@@ -96,57 +99,77 @@ def _canonical(closed: ClosedJaxpr) -> tuple[ClosedJaxpr, list[Any], bool]:
 
 
 def _hoisted(closed: ClosedJaxpr, hoist: list[tuple[int, int]]) -> ClosedJaxpr:
-    """`closed` with its constants, then the literals at `hoist` (equation, operand), as
-    trailing inputs."""
+    """`closed` with its constants, then the literals at `hoist` (as `_hoist_positions`
+    gives them), as trailing inputs."""
     jaxpr = closed.jaxpr
-    eqns = list(jaxpr.eqns)
+    eqns, outvars = list(jaxpr.eqns), list(jaxpr.outvars)
     new_vars = []
     for i, j in hoist:
-        eqn = eqns[i]
-        var = Var(eqn.invars[j].aval)
+        if i == len(eqns):  # an output
+            var = outvars[j] = Var(outvars[j].aval)
+        else:
+            eqn = eqns[i]
+            var = Var(eqn.invars[j].aval)
+            eqns[i] = eqn.replace(invars=[*eqn.invars[:j], var, *eqn.invars[j + 1:]])
         new_vars.append(var)
-        eqns[i] = eqn.replace(invars=[*eqn.invars[:j], var, *eqn.invars[j + 1:]])
     program = jaxpr.replace(constvars=[], invars=[*jaxpr.invars, *jaxpr.constvars, *new_vars],
-                            eqns=eqns)
+                            eqns=eqns, outvars=outvars)
     # The calls the trace kept whole are inlined here, once per program: what fungrad
     # derives from it is what it would derive from jax's trace.
     return ClosedJaxpr(jaxutil.inline_calls(program), ())
 
 
 def _keeps_value(literal: Literal) -> bool:
-    """Integer and boolean literals stay in the program (sizes, indices, flags, which
-    XLA uses to specialise); others (Python floats: scales, learning rates) are inputs,
-    so that a new value does not compile a new program."""
+    """Integer and boolean scalar literals stay in the program (sizes, indices, flags,
+    which XLA uses to specialise); others (Python floats: scales, learning rates) are
+    inputs, so that a new value does not compile a new program."""
     aval: Any = literal.aval
-    return bool(np.ndim(literal.val) == 0 and np.dtype(aval.dtype).kind in "biu")
+    return not aval.shape and getattr(aval.dtype, "kind", None) in _KEPT_KINDS
+
+
+_KEPT_KINDS = frozenset("biu")
+
+
+def _hoist_positions(jaxpr: Jaxpr) -> list[tuple[int, int]]:
+    """The positions of the literals `_canonical` makes inputs: (equation, operand), or
+    (number of equations, output) for an output."""
+    operands = [*(eqn.invars for eqn in jaxpr.eqns), jaxpr.outvars]
+    return [(i, j) for i, atoms in enumerate(operands) for j, a in enumerate(atoms)
+            if type(a) is Literal and not _keeps_value(a)]
 
 
 class _Unkeyable(Exception):
     """A parameter with no structural key (a per-call Python callable jax holds)."""
 
 
-def _structure(jaxpr: Jaxpr, hoist_literals: bool) -> Any:
+def _structure(jaxpr: Jaxpr, hoisted: list[tuple[int, int]] | None = None) -> Any:
     """The structural key of `jaxpr`: its types, equations (primitive, operands by
-    position, params, output types, context) and outputs. With `hoist_literals`, the
-    literals that `_canonical` makes inputs count by type only."""
+    position, params, output types, context) and outputs. With `hoisted`, the literals
+    that `_canonical` makes inputs count by type only, and their positions (as in
+    `_hoist_positions`) are appended to it."""
     names: dict[Var, int] = {v: i for i, v in enumerate([*jaxpr.constvars, *jaxpr.invars])}
 
-    def atom(a: Any) -> Any:
-        if type(a) is not Literal:
-            return names[a]
-        if hoist_literals and not _keeps_value(a):
-            return ("input", a.aval)
-        return ("literal", a.aval, np.asarray(a.val).tobytes())
+    def atoms(i: int, operands: list) -> tuple:
+        key: list[Any] = []
+        for j, a in enumerate(operands):
+            if type(a) is not Literal:
+                key.append(names[a])
+            elif hoisted is not None and not _keeps_value(a):
+                hoisted.append((i, j))
+                key.append(("input", a.aval))
+            else:
+                key.append(("literal", a.aval, np.asarray(a.val).tobytes()))
+        return tuple(key)
 
     eqn_keys = []
-    for eqn in jaxpr.eqns:
-        ins = tuple(map(atom, eqn.invars))
+    for i, eqn in enumerate(jaxpr.eqns):
+        ins = atoms(i, eqn.invars)
         for v in eqn.outvars:
             names[v] = len(names)
         eqn_keys.append((eqn.primitive, ins, _eqn_params_key(eqn),
                          tuple(v.aval for v in eqn.outvars), eqn.ctx))
     return (tuple(v.aval for v in jaxpr.constvars), tuple(v.aval for v in jaxpr.invars),
-            tuple(eqn_keys), tuple(map(atom, jaxpr.outvars)))
+            tuple(eqn_keys), atoms(len(jaxpr.eqns), jaxpr.outvars))
 
 
 # Keys of nested jaxprs by identity (jax reuses the jaxpr of a jitted function across
@@ -160,7 +183,7 @@ def _jaxpr_key(jaxpr: Jaxpr) -> caching.Hashed:
     identity = caching.Identity(jaxpr)
     key = _sub_keys.get(identity)
     if key is None:
-        key = _sub_keys.put(identity, caching.Hashed(_structure(jaxpr, hoist_literals=False)))
+        key = _sub_keys.put(identity, caching.Hashed(_structure(jaxpr)))
     return key
 
 
