@@ -132,6 +132,30 @@ def test_eager_vjp_and_linearize_run_compiled_programs(monkeypatch):
         assert_close(jax.vmap(pullback)(jnp.ones(3))[0][1], got[0])
 
 
+def test_an_eager_hvp_compiles_a_program_of_the_tangents_alone(monkeypatch):
+    # hvp is jvp of grad without the gradient: its compiled program returns the
+    # Hessian-vector product only, so XLA drops what computes only the gradient.
+    from fungrad._src import api
+
+    compiled_outs = []
+    original = api._Dispatch._compile
+
+    def compile_(self, args):
+        jitted = jax.jit(functools.partial(self.flat, self.closed, *self.static))
+        compiled_outs.append(len(jitted.trace(*args[1 + len(self.static):]).jaxpr.out_avals))
+        return original(self, args)
+
+    monkeypatch.setattr(api._Dispatch, "_compile", compile_)
+    monkeypatch.setattr(api._compile_cost, "predict", lambda size: 0.0)  # compile at once
+    fungrad.clear_caches()
+    loss = lambda w, x: jnp.sum(jnp.tanh(x @ w) ** 2)  # noqa: E731
+    x = _batches(1)[0]
+    for _ in range(3):
+        got = fungrad.hvp(loss, (W, x), (W, x))
+    assert compiled_outs == [2]  # the two tangents, not the two gradients too
+    assert_close(got, jax.jvp(jax.grad(loss, argnums=(0, 1)), (W, x), (W, x))[1])
+
+
 def test_an_eager_pullback_with_a_structurally_zero_cotangent_returns_arrays():
     # The second derivative of a piecewise-linear function is a symbolic zero inside
     # fungrad; its compiled eager pullback still returns arrays, as jax's does.

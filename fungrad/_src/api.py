@@ -108,37 +108,50 @@ def jvp(fun: Callable, primals: Sequence[Any], tangents: Sequence[Any],
     >>> float(y), float(y_dot)
     (0.0, 2.0)
     """
-    api_util.check_callable(fun, "jvp")
-    api_util.check_args_tuple(primals, "primals", "jvp")
-    api_util.check_args_tuple(tangents, "tangents", "jvp")
+    return _jvp(fun, primals, tangents, has_aux, "jvp")
+
+
+def _jvp(fun: Callable, primals: Sequence[Any], tangents: Sequence[Any], has_aux: bool,
+         fname: str, with_primals: bool = True) -> Any:
+    """`jvp`, or without `with_primals` the output tangents alone: a compiled program
+    then returns only those, and XLA drops what computes only the primal outputs
+    (hvp's gradient)."""
+    api_util.check_callable(fun, fname)
+    api_util.check_args_tuple(primals, "primals", fname)
+    api_util.check_args_tuple(tangents, "tangents", fname)
     primals, tangents = tuple(primals), tuple(tangents)
     api_util.check_same_structure(tree_util.tree_structure(primals),
-                                  tree_util.tree_structure(tangents), "primals", "tangents", "jvp")
-    api_util.check_array_leaves(primals, "primals", "jvp")
+                                  tree_util.tree_structure(tangents), "primals", "tangents", fname)
+    api_util.check_array_leaves(primals, "primals", fname)
     for (path, x), t in zip(tree_util.tree_flatten_with_path(primals)[0],
                             tree_util.tree_leaves(tangents), strict=True):
-        api_util.check_tangent(x, t, f"the tangent at tangents{tree_util.keystr(path)}", "jvp")
-    fun_ = _with_aux_split(fun, has_aux, "jvp")
-    captured, inputs, diff = _trace(fun_, primals, range(len(primals)), "jvp", fun)
+        api_util.check_tangent(x, t, f"the tangent at tangents{tree_util.keystr(path)}", fname)
+    fun_ = _with_aux_split(fun, has_aux, fname)
+    captured, inputs, diff = _trace(fun_, primals, range(len(primals)), fname, fun)
     given = iter(tree_util.tree_leaves(tangents))
     dots = [next(given) if d else None for d in diff]
     nonzeros = tuple(d and has_tangent_space(jaxutil.typeof(x)) for x, d in zip(inputs, diff, strict=True))
     run = _runner(_jvp_flat, captured.jaxpr, captured.reused,
-                  [*inputs, *tree_util.tree_leaves(tangents)], nonzeros)
+                  [*inputs, *tree_util.tree_leaves(tangents)], nonzeros, with_primals)
     nz_dots = [t for t, nz in zip(dots, nonzeros, strict=True) if nz]
-    outs, out_dots = run(captured.jaxpr, nonzeros, *inputs, *nz_dots)
+    outs, out_dots = run(captured.jaxpr, nonzeros, with_primals, *inputs, *nz_dots)
     if debug_nans.enabled():
         retrace = functools.partial(debug_nans.fresh_trace, fun_, primals, range(len(primals)))
-        debug_nans.check_forward("jvp", retrace, inputs, nonzeros, nz_dots, out_dots)
+        debug_nans.check_forward(fname, retrace, inputs, nonzeros, nz_dots, out_dots)
+    if not with_primals:
+        return tree_util.tree_unflatten(_out_tree(captured, has_aux),
+                                        out_dots[:_num_outs(captured, has_aux)])
     return _unflatten_outs(captured, has_aux, outs, out_dots)
 
 
-def _jvp_flat(closed: ClosedJaxpr, nonzeros: tuple[bool, ...], *inputs_and_dots: Any):
-    """The outputs of `closed` and their tangents, given the tangents of the nonzero inputs."""
+def _jvp_flat(closed: ClosedJaxpr, nonzeros: tuple[bool, ...], with_primals: bool,
+              *inputs_and_dots: Any):
+    """The outputs of `closed` (none unless `with_primals`) and their tangents, given the
+    tangents of the nonzero inputs."""
     inputs, nz_dots = inputs_and_dots[:len(nonzeros)], inputs_and_dots[len(nonzeros):]
     dots = fill(nonzeros, nz_dots, [Zero.like(x) for x in inputs])
     outs, out_dots = jvp_closed(closed, inputs, dots)
-    return outs, [instantiate(t) for t in out_dots]
+    return (outs if with_primals else []), [instantiate(t) for t in out_dots]
 
 
 @jaxutil.api_boundary
@@ -533,6 +546,7 @@ class _CompileCost:
 
 
 _compile_cost = _CompileCost()
+
 _dispatches = caching.LRU("fungrad.compiled", max_entries=256, max_bytes=512 << 20,
                           size=lambda d: _EXECUTABLE_BYTES + caching.approx_bytes(d.closed))
 
@@ -959,13 +973,10 @@ def hvp(fun: Callable, primals: Sequence[Any], tangents: Sequence[Any]) -> tuple
     [6.0, 0.0]
     """
     api_util.check_callable(fun, "hvp")
-    api_util.check_args_tuple(primals, "primals", "hvp")
-    api_util.check_args_tuple(tangents, "tangents", "hvp")
-    primals, tangents = tuple(primals), tuple(tangents)
-    api_util.check_same_structure(tree_util.tree_structure(primals),
-                                  tree_util.tree_structure(tangents), "primals", "tangents", "hvp")
+    api_util.check_args_tuple(primals, "primals", "hvp")  # the rest is checked by _jvp
     all_args = tuple(range(len(primals)))
-    return jvp(grad(fun, argnums=all_args), primals, tangents)[1]
+    return _jvp(grad(fun, argnums=all_args), primals, tangents, False, "hvp",
+                with_primals=False)
 
 
 # --- helpers --------------------------------------------------------------------------
