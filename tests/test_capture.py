@@ -428,6 +428,29 @@ def test_a_constant_output_is_that_of_the_current_call():
         assert_close(pullback((X, 1.0))[0], jax.vjp(lambda x: (jnp.sin(x), c), X)[1]((X, 1.0))[0])  # noqa: B023
 
 
+def _given_outputs(lib):
+    aux = lambda x: {"lr": 1.5, "mask": np.ones(2), "step": 3, "scale": np.float32(2)}  # noqa: E731
+    f = lambda x: (jnp.sum(jnp.sin(x) ** 2), aux(x))  # noqa: E731
+    v = lambda x: (jnp.sin(x), 2.5)  # noqa: E731
+    return [lib.grad(f, has_aux=True)(X)[1], lib.value_and_grad(f, has_aux=True)(X)[0][1],
+            lib.vjp(v, X)[0][1], lib.jvp(v, (X,), (X,))[0][1], lib.linearize(v, X)[0][1],
+            lib.jacfwd(f, has_aux=True)(X)[1], lib.jacrev(f, has_aux=True)(X)[1],
+            lib.hessian(f, has_aux=True)(X)[1]]
+
+
+def test_untraced_outputs_come_back_as_given_as_in_jax():
+    # What the function returns untraced (an aux metric, a numpy mask, a constant output)
+    # jax returns as it was given: the same types and dtypes (a float64 numpy array stays
+    # one), at every call, whether fungrad ran the program op by op or compiled.
+    want = _given_outputs(jax)
+    for _ in range(4):
+        got = _given_outputs(fungrad)
+        for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want),
+                        strict=True):
+            assert type(g) is type(w) and np.asarray(g).dtype == np.asarray(w).dtype
+            np.testing.assert_array_equal(g, w)
+
+
 def test_linearize_returns_a_pytree_that_passes_into_and_out_of_jit():
     def f(x):
         return jnp.sin(x) * x

@@ -141,7 +141,7 @@ def _jvp(fun: Callable, primals: Sequence[Any], tangents: Sequence[Any], has_aux
     if not with_primals:
         return tree_util.tree_unflatten(_out_tree(captured, has_aux),
                                         out_dots[:_num_outs(captured, has_aux)])
-    return _unflatten_outs(captured, has_aux, outs, out_dots)
+    return _unflatten_outs(captured, has_aux, _as_given(captured, outs), out_dots)
 
 
 def _jvp_flat(closed: ClosedJaxpr, nonzeros: tuple[bool, ...], with_primals: bool,
@@ -180,7 +180,7 @@ def linearize(fun: Callable, *primals: Any, has_aux: bool = False) -> tuple[Any,
                       inputs)
     # A pytree (the residuals are its leaves), so it can be passed through jax.jit.
     f_jvp = tree_util.Partial(functools.partial(_linearized, spec), residuals)
-    return _finish(captured, has_aux, outs, f_jvp)
+    return _finish(captured, has_aux, _as_given(captured, outs), f_jvp)
 
 
 class _LinearizeSpec:
@@ -248,7 +248,7 @@ def vjp(fun: Callable, *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:
         spec.debug = (functools.partial(debug_nans.fresh_trace, fun_, primals, range(len(primals))),
                       inputs)
     vjp_fun = tree_util.Partial(functools.partial(_pullback, spec), residuals)
-    return _finish(captured, has_aux, outs, vjp_fun)
+    return _finish(captured, has_aux, _as_given(captured, outs), vjp_fun)
 
 
 class _VjpSpec:
@@ -383,7 +383,7 @@ def _value_and_grad(fun, args, kwargs, nums, has_aux, holomorphic, allow_int, fn
     if debug_nans.enabled():
         debug_nans.check_reverse(fname, functools.partial(debug_nans.fresh_trace, fun_, args, nums),
                                  inputs, nonzeros, n_out, None, nz_grads, captured.jaxpr.out_avals[0])
-    outs = outs if with_value else [None, *outs]
+    outs = _as_given(captured, outs if with_value else [None, *outs])
     nz_grads = iter(nz_grads)
     grads_flat = [next(nz_grads) if nz else instantiate(Zero.like(x))
                   for x, nz, d in zip(inputs, nonzeros, diff, strict=True) if d]
@@ -552,7 +552,8 @@ _dispatches = caching.LRU("fungrad.compiled", max_entries=256, max_bytes=512 << 
 
 
 def _eager_transform(impl: Callable, config: tuple, fun: Callable, args: tuple,
-                    kwargs: dict, nums: tuple[int, ...], memory_budget: int | None = None) -> Any:
+                    kwargs: dict, nums: tuple[int, ...], memory_budget: int | None = None,
+                    has_aux: bool = False) -> Any:
     """`impl(fun, *config, args, kwargs, nums)`: a Jacobian transform at these arguments.
 
     From eager code, `fun` is captured once (its Python runs once, as under jax) and the
@@ -561,7 +562,7 @@ def _eager_transform(impl: Callable, config: tuple, fun: Callable, args: tuple,
     `memory_budget`, the last entry of `config` (the chunk size) is chosen to fit it.
     """
     if memory_budget is not None:
-        return _budgeted_transform(impl, config, fun, args, kwargs, nums, memory_budget)
+        return _budgeted_transform(impl, config, fun, args, kwargs, nums, memory_budget, has_aux)
     dyn = tuple(args[i] for i in nums)
     dyn_leaves, dyn_tree = tree_util.tree_flatten(dyn)
     if not all(map(_is_traceable_array, dyn_leaves)) or debug_nans.enabled() or (
@@ -574,7 +575,21 @@ def _eager_transform(impl: Callable, config: tuple, fun: Callable, args: tuple,
                                [True] * len(dyn_leaves), debug)
     static = (impl, config, dyn_tree, captured.out_tree)
     run = _runner(_transform_flat, captured.jaxpr, captured.reused, dyn_leaves, *static)
-    return run(captured.jaxpr, *static, *dyn_leaves, *consts)
+    return _aux_as_given(captured, has_aux, run(captured.jaxpr, *static, *dyn_leaves, *consts))
+
+
+def _aux_as_given(captured: Captured, has_aux: bool, result: Any) -> Any:
+    """A Jacobian transform's `(jac, aux)` with the aux leaves the function returned
+    untraced as it returned them (`_as_given`)."""
+    if not has_aux or not captured.given_outs:
+        return result
+    jac, aux = result
+    n_out = _out_tree(captured, has_aux=True).num_leaves
+    leaves, aux_tree = tree_util.tree_flatten(aux)
+    for i, x in captured.given_outs:
+        if i >= n_out:
+            leaves[i - n_out] = x
+    return jac, tree_util.tree_unflatten(aux_tree, leaves)
 
 
 def _transform_flat(closed: ClosedJaxpr, impl: Callable, config: tuple, dyn_tree: Any,
@@ -604,7 +619,8 @@ _PROBES = 8  # most compiles to find a chunk, after those of chunks 1 and 2
 
 
 def _budgeted_transform(impl: Callable, config: tuple, fun: Callable, args: tuple,
-                        kwargs: dict, nums: tuple[int, ...], budget: int) -> Any:
+                        kwargs: dict, nums: tuple[int, ...], budget: int,
+                        has_aux: bool = False) -> Any:
     """`impl` with the largest chunk whose compiled program fits `budget` bytes of XLA's
     temporary memory. `fun` is captured (also inside a trace, where its inputs are
     tracers: the choice needs their shapes only) and the chosen transform of the
@@ -622,7 +638,7 @@ def _budgeted_transform(impl: Callable, config: tuple, fun: Callable, args: tupl
     static = (impl, config, dyn_tree, captured.out_tree)
     reused = captured.reused and all(map(_is_traceable_array, dyn_leaves))
     run = _runner(_transform_flat, captured.jaxpr, reused, [*dyn_leaves, *consts], *static)
-    return run(captured.jaxpr, *static, *dyn_leaves, *consts)
+    return _aux_as_given(captured, has_aux, run(captured.jaxpr, *static, *dyn_leaves, *consts))
 
 
 def _chunk_for_budget(closed: ClosedJaxpr, consts: Sequence[Any], impl: Callable, prefix: tuple,
@@ -748,7 +764,7 @@ def jacfwd(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = Fals
     def jacfwd_f(*args, **kwargs):
         nums = api_util.forward_argnums(argnums, args, fname, holomorphic)
         return _eager_transform(_jacfwd_impl, (isinstance(argnums, int), has_aux, chunk_size), fun,
-                                args, kwargs, nums, memory_budget)
+                                args, kwargs, nums, memory_budget, has_aux)
 
     return jacfwd_f
 
@@ -897,7 +913,7 @@ def jacrev(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = Fals
                                        fname=fname)
         return _eager_transform(_jacrev_impl, (isinstance(argnums, int), has_aux, holomorphic,
                                                chunk_size),
-                                fun, args, kwargs, nums, memory_budget)
+                                fun, args, kwargs, nums, memory_budget, has_aux)
 
     return jacrev_f
 
@@ -1015,6 +1031,15 @@ def _out_tree(captured: Captured, has_aux: bool) -> Any:
 
 def _aux_tree(captured: Captured) -> Any:
     return tree_util.treedef_children(captured.out_tree)[1]
+
+
+def _as_given(captured: Captured, outs: Sequence[Any]) -> list[Any]:
+    """`outs` with the outputs the function returned untraced as it returned them (as jax
+    returns a Python float or numpy array given as aux), not as the program's values."""
+    outs = list(outs)
+    for i, x in captured.given_outs:
+        outs[i] = x
+    return outs
 
 
 def _unflatten_outs(captured, has_aux, outs, out_dots):

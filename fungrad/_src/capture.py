@@ -40,6 +40,10 @@ class Captured:
     jaxpr: ClosedJaxpr
     out_tree: Any  # PyTreeDef of the outputs (of (out, aux) when has_aux)
     reused: bool
+    # The outputs the function returned untraced (a Python float, a numpy array: an aux
+    # metric, a constant), by position among the flat outputs, as it returned them: jax
+    # returns them so, where the program gives them as its literals or arrays.
+    given_outs: tuple[tuple[int, Any], ...] = ()
 
 
 def capture(fun: Callable, in_tree: Any, leaves: Sequence[Any], dynamic: Sequence[bool],
@@ -54,6 +58,7 @@ def capture(fun: Callable, in_tree: Any, leaves: Sequence[Any], dynamic: Sequenc
     dyn_leaves = [x for x, d in zip(leaves, dynamic, strict=True) if d]
     avals = [jaxutil.typeof(x) for x in dyn_leaves]
     out_tree_box: list[Any] = []
+    given_box: list[tuple] = []
 
     def flat_fun(*traced):
         it = iter(traced)
@@ -61,6 +66,8 @@ def capture(fun: Callable, in_tree: Any, leaves: Sequence[Any], dynamic: Sequenc
         out = fun(*tree_util.tree_unflatten(in_tree, flat_args))
         flat_out, out_tree = tree_util.tree_flatten(out)
         out_tree_box.append(out_tree)
+        given_box.append(tuple((i, x) for i, x in enumerate(flat_out)
+                               if not jaxutil.is_tracer(x)))
         return flat_out
 
     name = getattr(fun, "__name__", None) or type(fun).__name__
@@ -68,7 +75,7 @@ def capture(fun: Callable, in_tree: Any, leaves: Sequence[Any], dynamic: Sequenc
         closed = jaxutil.capture_jaxpr(flat_fun, avals, dyn_leaves, debug or name,
                                        defer_calls=True)
         program, consts, reused = _canonical(closed)
-    return Captured(program, out_tree_box[-1], reused), consts
+    return Captured(program, out_tree_box[-1], reused, given_box[-1]), consts
 
 
 # --- the program cache: canonical jaxprs by structure -----------------------------------
