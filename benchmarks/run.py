@@ -64,21 +64,29 @@ def _compiled_programs() -> int:
     return sum(d.compiled is not None for d, _ in api._dispatches._entries.values())
 
 
-def eager_latency(fn, args, reps: int, until_compiled: bool) -> float:
-    """The steady state of eager calls: fungrad runs a program op by op until compiling
-    it pays (benchmarks/first_call.py measures those first calls), so warm up until it
-    has compiled (at most 40 calls)."""
-    before = _compiled_programs()
-    for _ in range(40 if until_compiled else 1):
-        jax.block_until_ready(fn(*args))
-        if _compiled_programs() > before:
-            break
-    jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(reps):
-        _, dt = _timed(lambda: jax.block_until_ready(fn(*args)))
-        samples.append(dt)
-    return statistics.median(samples)
+def eager_latencies(fns: dict, args, reps: int, blocks: int = 5) -> dict:
+    """The steady state of eager calls: each library's median over `reps` calls, made in
+    `blocks` runs of consecutive calls that alternate between the libraries, so that a
+    change in the machine's load falls on both alike while each call follows one of its
+    own (as in a user's loop: right after the other library's call, XLA's threads and the
+    CPU caches are still busy with its work; one untimed call starts each run). fungrad
+    runs a program op by op until compiling it pays (benchmarks/first_call.py measures
+    those first calls), so it first warms up until it has compiled (at most 40 calls)."""
+    for lib, fn in fns.items():
+        before = _compiled_programs()
+        for _ in range(40 if lib == "fungrad" else 1):
+            jax.block_until_ready(fn(*args))
+            if _compiled_programs() > before:
+                break
+    samples: dict[str, list[float]] = {lib: [] for lib in fns}
+    per_block = max(1, -(-reps // blocks))
+    for _ in range(blocks):
+        for lib, fn in fns.items():
+            jax.block_until_ready(fn(*args))
+            for _ in range(per_block):
+                _, dt = _timed(lambda fn=fn: jax.block_until_ready(fn(*args)))
+                samples[lib].append(dt)
+    return {lib: statistics.median(s) for lib, s in samples.items()}
 
 
 def fresh_compile_stats(fns: dict, args, rounds: int) -> dict:
@@ -136,9 +144,9 @@ def run_workload(w: workloads.Workload, reps: int, eager_reps: int, compile_roun
         run = interleaved_runs({lib: s.pop("compiled") for lib, s in stats.items()}, w.args, reps)
         for lib in fns:
             stats[lib]["run_s"] = run[lib]
+    eager = eager_latencies(fns, w.args, eager_reps) if eager_reps else {}
     for lib in fns:
-        stats[lib]["eager_s"] = (eager_latency(fns[lib], w.args, eager_reps, lib == "fungrad")
-                                 if eager_reps else None)
+        stats[lib]["eager_s"] = eager.get(lib)
     if eager_reps:
         # The share of a fungrad eager call spent tracing the user's function, against the
         # whole of jax's eager call (so that the two columns add up to fungrad's eager).
@@ -191,6 +199,7 @@ def main(argv=None) -> int:
         print(f"[{i}/{len(makers)}] {w.name}: {w.what} ...", flush=True)
         try:
             results[w.name] = run_workload(w, args.reps, args.eager_reps, args.compile_rounds)
+            results[w.name]["value_dependent"] = w.eager_only
         except Exception as err:  # report and go on: one broken workload must not hide the rest
             traceback.print_exc(limit=3)
             results[w.name] = {"error": f"{type(err).__name__}: {err}".splitlines()[0]}
@@ -200,6 +209,14 @@ def main(argv=None) -> int:
         qs = [q for r in ok if (q := ratio(r["fungrad"].get(key), r["jax"].get(key))) is not None]
         if qs:
             print(f"median {label} ratio: {float(np.median(qs)):.2f}")
+    # The eager targets differ: functions whose Python branches on values (jax.jit cannot
+    # run them) are traced anew with each path; the others are compared apart.
+    for dependent, what in ((False, "without"), (True, "with")):
+        qs = [q for r in ok if r["value_dependent"] == dependent
+              and (q := ratio(r["fungrad"].get("eager_s"), r["jax"].get("eager_s"))) is not None]
+        if qs:
+            print(f"median eager ratio, functions {what} value-dependent Python: "
+                  f"{float(np.median(qs)):.2f} ({len(qs)} workloads)")
     meta = {"date": datetime.date.today().isoformat(), "jax": jax.__version__,
             "backend": jax.default_backend(), "device": device.device_kind, "scale": args.scale}
     out = Path(args.out)
