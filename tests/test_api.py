@@ -87,6 +87,20 @@ def test_grad_of_python_scalars_keeps_weak_type():
     assert_same_avals(fungrad.grad(jnp.tanh)(f32), jax.grad(jnp.tanh)(f32))
 
 
+def test_zero_derivatives_at_python_scalars_are_weakly_typed():
+    # An unused argument's gradient, a constant function's, a constant output's tangent:
+    # symbolic zeros made arrays, weakly typed where the value is, as jax's are.
+    unused = lambda x, y: x * 2  # noqa: E731
+    assert_same_avals(fungrad.grad(unused, argnums=(0, 1))(1.0, 2.0),
+                      jax.grad(unused, argnums=(0, 1))(1.0, 2.0))
+    assert_same_avals(fungrad.grad(lambda x: 3.0)(1.0), jax.grad(lambda x: 3.0)(1.0))
+    constant = lambda x: (x, 2.0)  # noqa: E731
+    assert_same_avals(fungrad.jvp(constant, (1.0,), (1.0,))[1],
+                      jax.jvp(constant, (1.0,), (1.0,))[1])
+    assert_same_avals(fungrad.jacfwd(unused, argnums=1)(1.0, 2.0),
+                      jax.jacfwd(unused, argnums=1)(1.0, 2.0))
+
+
 def test_grad_weak_type_through_promotion():
     """A weak input promoted to a strong dtype: the cotangent goes back to weak, as in jax."""
     f = lambda x: jnp.float64(3.0) * jnp.sin(x)

@@ -22,6 +22,7 @@ from jax._src import dtypes as _dtypes
 from jax._src import linear_util as _lu
 from jax._src.interpreters import batching, mlir
 from jax._src.interpreters import partial_eval as _pe
+from jax._src.lax import lax as _lax
 from jax._src.sharding_impls import UNSPECIFIED
 from jax.extend.core import (
     ClosedJaxpr,
@@ -121,8 +122,6 @@ def weak_like(x: Any, example: Any) -> Any:
     """`x` weakly typed where `example` is (a Jacobian keeps its function's weak type)."""
     if not typeof(example).weak_type or typeof(x).dtype != typeof(example).dtype:
         return x
-    from jax._src.lax import lax as _lax
-
     return _lax._convert_element_type(x, typeof(x).dtype, weak_type=True)
 
 
@@ -205,10 +204,14 @@ def discharge_refs(closed: ClosedJaxpr) -> ClosedJaxpr:
 
 
 def zeros_like_aval(aval) -> Any:
-    """Zeros of `aval`'s type, varying over the same mesh axes inside `shard_map`."""
+    """Zeros of `aval`'s type (weakly typed where it is, as jax's zero tangents are),
+    varying over the same mesh axes inside `shard_map`."""
     if aval.dtype == float0:
         return np.zeros(aval.shape, float0)
-    zeros = jax.lax.full(aval.shape, 0, aval.dtype)
+    if getattr(aval, "weak_type", False):
+        zeros = jax.lax.full(aval.shape, _lax._convert_element_type(0, aval.dtype, weak_type=True))
+    else:
+        zeros = jax.lax.full(aval.shape, 0, aval.dtype)
     axes = varying_axes(aval)
     return jax.lax.pcast(zeros, tuple(sorted(axes)), to="varying") if axes else zeros
 
