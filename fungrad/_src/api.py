@@ -45,6 +45,13 @@ def _trace(fun: Callable, args: Sequence[Any], diff_argnums: Sequence[int],
     return captured, inputs, [*(True for d in dynamic if d), *(False for _ in consts)]
 
 
+def _nonzeros(captured: Captured, diff: Sequence[bool]) -> tuple[bool, ...]:
+    """Which inputs of the captured program get a tangent: the differentiated ones of a
+    float or complex type."""
+    return tuple(d and has_tangent_space(a)
+                 for a, d in zip(captured.jaxpr.in_avals, diff, strict=True))
+
+
 def _leaf_is_diff(leaves_per_arg: list[list[Any]], diff_argnums: Sequence[int]) -> list[bool]:
     return [i in diff_argnums for i, arg_leaves in enumerate(leaves_per_arg) for _ in arg_leaves]
 
@@ -130,7 +137,7 @@ def _jvp(fun: Callable, primals: Sequence[Any], tangents: Sequence[Any], has_aux
     captured, inputs, diff = _trace(fun_, primals, range(len(primals)), fname, fun)
     given = iter(tree_util.tree_leaves(tangents))
     dots = [next(given) if d else None for d in diff]
-    nonzeros = tuple(d and has_tangent_space(jaxutil.typeof(x)) for x, d in zip(inputs, diff, strict=True))
+    nonzeros = _nonzeros(captured, diff)
     run = _runner(_jvp_flat, captured.jaxpr, captured.reused,
                   [*inputs, *tree_util.tree_leaves(tangents)], nonzeros, with_primals)
     nz_dots = [t for t, nz in zip(dots, nonzeros, strict=True) if nz]
@@ -170,8 +177,7 @@ def linearize(fun: Callable, *primals: Any, has_aux: bool = False) -> tuple[Any,
     api_util.check_array_leaves(primals, "primals", "linearize")
     fun_ = _with_aux_split(fun, has_aux, "linearize")
     captured, inputs, diff = _trace(fun_, primals, range(len(primals)), "linearize", fun)
-    nonzeros = tuple(d and has_tangent_space(jaxutil.typeof(x))
-                     for x, d in zip(inputs, diff, strict=True))
+    nonzeros = _nonzeros(captured, diff)
     outs, _, residuals = _linearize_flat(captured.jaxpr, inputs, nonzeros, captured.reused)
     spec = _LinearizeSpec(captured.jaxpr, tuple(nonzeros), _num_outs(captured, has_aux),
                           _out_tree(captured, has_aux), primals, captured.reused)
@@ -239,7 +245,7 @@ def vjp(fun: Callable, *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:
     api_util.check_array_leaves(primals, "primals", "vjp")
     fun_ = _with_aux_split(fun, has_aux, "vjp")
     captured, inputs, diff = _trace(fun_, primals, range(len(primals)), "vjp", fun)
-    nonzeros = [d and has_tangent_space(jaxutil.typeof(x)) for x, d in zip(inputs, diff, strict=True)]
+    nonzeros = _nonzeros(captured, diff)
     outs, _, residuals = _linearize_flat(captured.jaxpr, inputs, nonzeros, captured.reused)
     n_out = _num_outs(captured, has_aux)
     spec = _VjpSpec(captured.jaxpr, n_out, tuple(nonzeros), _out_tree(captured, has_aux),
@@ -374,7 +380,7 @@ def _value_and_grad(fun, args, kwargs, nums, has_aux, holomorphic, allow_int, fn
     out_aval = captured.jaxpr.out_avals[0]
     api_util.check_scalar_output(jax.ShapeDtypeStruct(out_aval.shape, out_aval.dtype),
                                  holomorphic=holomorphic, fname=fname)
-    nonzeros = tuple(d and has_tangent_space(jaxutil.typeof(x)) for x, d in zip(inputs, diff, strict=True))
+    nonzeros = _nonzeros(captured, diff)
     # Without the value, a compiled program has one output less to keep: XLA compiles a
     # gradient of many leaves several times faster without its value.
     run = _runner(_value_and_grad_flat, captured.jaxpr, captured.reused, inputs, nonzeros, n_out,

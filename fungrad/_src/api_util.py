@@ -74,6 +74,8 @@ def dtype_name(dtype: Any) -> str:
 
 def check_input_dtype(x: Any, *, holomorphic: bool, allow_int: bool, fname: str) -> None:
     dtype = jaxutil.typeof(x).dtype
+    if not holomorphic and jnp.issubdtype(dtype, jnp.inexact):
+        return  # the common case, in one check
     if holomorphic:
         if not jnp.issubdtype(dtype, jnp.complexfloating):
             raise TypeError(f"{fname} with holomorphic=True requires inputs with complex dtype, "
