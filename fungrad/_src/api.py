@@ -552,7 +552,6 @@ class _CompileCost:
 
 
 _compile_cost = _CompileCost()
-
 _dispatches = caching.LRU("fungrad.compiled", max_entries=256, max_bytes=512 << 20,
                           size=lambda d: _EXECUTABLE_BYTES + caching.approx_bytes(d.closed))
 
