@@ -378,8 +378,7 @@ def _value_and_grad(fun, args, kwargs, nums, has_aux, holomorphic, allow_int, fn
                         f"a pytree {out_tree}." + (" Did you mean has_aux=True?" if not has_aux
                                                     and out_tree.num_nodes == 3 else ""))
     out_aval = captured.jaxpr.out_avals[0]
-    api_util.check_scalar_output(jax.ShapeDtypeStruct(out_aval.shape, out_aval.dtype),
-                                 holomorphic=holomorphic, fname=fname)
+    api_util.check_scalar_output(out_aval, holomorphic=holomorphic, fname=fname)
     nonzeros = _nonzeros(captured, diff)
     # Without the value, a compiled program has one output less to keep: XLA compiles a
     # gradient of many leaves several times faster without its value.

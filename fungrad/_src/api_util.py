@@ -64,7 +64,8 @@ def check_array_leaves(tree: Any, what: str, fname: str) -> None:
 def check_diff_args(args: Sequence[Any], nums: Sequence[int], fname: str) -> None:
     """`check_array_leaves` on each differentiated positional argument, named by position."""
     for i in nums:
-        check_array_leaves(args[i], f"args[{i}]", fname)
+        if not all(map(is_array_like, tree_util.tree_leaves(args[i]))):
+            check_array_leaves(args[i], f"args[{i}]", fname)  # raises, naming the leaf
 
 
 def dtype_name(dtype: Any) -> str:
@@ -72,9 +73,19 @@ def dtype_name(dtype: Any) -> str:
     return "float0" if dtype == float0 else np.dtype(dtype).name
 
 
+def _is_inexact(dtype: Any) -> bool:
+    inexact = _inexact_dtypes.get(dtype)
+    if inexact is None:
+        inexact = _inexact_dtypes[dtype] = bool(jnp.issubdtype(dtype, jnp.inexact))
+    return inexact
+
+
+_inexact_dtypes: dict[Any, bool] = {}  # one entry per dtype seen
+
+
 def check_input_dtype(x: Any, *, holomorphic: bool, allow_int: bool, fname: str) -> None:
     dtype = jaxutil.typeof(x).dtype
-    if not holomorphic and jnp.issubdtype(dtype, jnp.inexact):
+    if not holomorphic and _is_inexact(dtype):
         return  # the common case, in one check
     if holomorphic:
         if not jnp.issubdtype(dtype, jnp.complexfloating):
@@ -120,8 +131,8 @@ def forward_argnums(argnums: int | Sequence[int], args: Sequence[Any], fname: st
     return nums
 
 
-def check_scalar_output(out: Any, *, holomorphic: bool, fname: str) -> None:
-    aval = jaxutil.typeof(out)
+def check_scalar_output(aval: Any, *, holomorphic: bool, fname: str) -> None:
+    """The output type `aval` of a function to take the gradient of."""
     if aval.shape != ():
         raise TypeError(f"{fname} is only defined for scalar-output functions, but the "
                         f"output had shape {aval.shape}. Use fungrad.vjp or fungrad.jacrev "

@@ -95,8 +95,10 @@ def _canonical(closed: ClosedJaxpr) -> tuple[ClosedJaxpr, list[Any], bool]:
     except _Unkeyable:
         key = None
         hoist = _hoist_positions(jaxpr)
-    operands = [*(eqn.invars for eqn in jaxpr.eqns), jaxpr.outvars]
-    consts = [*closed.consts, *(operands[i][j].val for i, j in hoist)]
+    consts = list(closed.consts)
+    if hoist:
+        operands = [*(eqn.invars for eqn in jaxpr.eqns), jaxpr.outvars]
+        consts += [operands[i][j].val for i, j in hoist]
     if key is None:
         return _hoisted(closed, hoist), consts, False
     entry = _programs.get(key)
@@ -154,44 +156,52 @@ def _structure(jaxpr: Jaxpr, hoisted: list[tuple[int, int]] | None = None) -> An
     position, params, output types, context) and outputs. With `hoisted`, the literals
     that `_canonical` makes inputs count by type only, and their positions (as in
     `_hoist_positions`) are appended to it."""
-    names: dict[Var, int] = {v: i for i, v in enumerate([*jaxpr.constvars, *jaxpr.invars])}
+    names: dict[Any, int] = {v: i for i, v in enumerate([*jaxpr.constvars, *jaxpr.invars])}
+    lookup = names.__getitem__
 
     def atoms(i: int, operands: list) -> tuple:
-        key: list[Any] = []
-        for j, a in enumerate(operands):
-            if type(a) is not Literal:
-                key.append(names[a])
-            elif hoisted is not None and not _keeps_value(a):
-                hoisted.append((i, j))
-                key.append(("input", a.aval))
-            else:
-                key.append(("literal", a.aval, np.asarray(a.val).tobytes()))
-        return tuple(key)
+        try:
+            return tuple(map(lookup, operands))
+        except TypeError:  # a literal (unhashable): by value, or by type where hoisted
+            return tuple(_literal_key(i, j, a, hoisted) if type(a) is Literal else names[a]
+                         for j, a in enumerate(operands))
 
     eqn_keys = []
     for i, eqn in enumerate(jaxpr.eqns):
         ins = atoms(i, eqn.invars)
-        for v in eqn.outvars:
+        outvars = eqn.outvars
+        for v in outvars:
             names[v] = len(names)
         eqn_keys.append((eqn.primitive, ins, _eqn_params_key(eqn),
-                         tuple(v.aval for v in eqn.outvars), eqn.ctx))
-    return (tuple(v.aval for v in jaxpr.constvars), tuple(v.aval for v in jaxpr.invars),
+                         tuple([v.aval for v in outvars]), eqn.ctx))
+    return (tuple([v.aval for v in jaxpr.constvars]), tuple([v.aval for v in jaxpr.invars]),
             tuple(eqn_keys), atoms(len(jaxpr.eqns), jaxpr.outvars))
+
+
+def _literal_key(i: int, j: int, literal: Literal,
+                 hoisted: list[tuple[int, int]] | None) -> tuple:
+    """A literal operand's part of the key: by type where `_canonical` makes it an input
+    (its position noted in `hoisted`), else by value."""
+    if hoisted is not None and not _keeps_value(literal):
+        hoisted.append((i, j))
+        return ("input", literal.aval)
+    return ("literal", literal.aval, np.asarray(literal.val).tobytes())
 
 
 # Keys of nested jaxprs by identity (jax reuses the jaxpr of a jitted function across
 # traces), hashed once: a key that nests them hashes them by their stored hash, and
 # compares them by identity where both traces hold the same jaxpr.
 _sub_keys = caching.LRU("fungrad.nested_keys", max_entries=4096, max_bytes=64 << 20,
-                        size=lambda key: 2 * caching.EQUATION_BYTES * (len(key.key[2]) + 1))
+                        size=lambda entry: 2 * caching.EQUATION_BYTES * (len(entry[1].key[2]) + 1))
 
 
 def _jaxpr_key(jaxpr: Jaxpr) -> caching.Hashed:
-    identity = caching.Identity(jaxpr)
-    key = _sub_keys.get(identity)
-    if key is None:
-        key = _sub_keys.put(identity, caching.Hashed(_structure(jaxpr)))
-    return key
+    # By id (an int hashes and compares at C speed), the entry holding the jaxpr so
+    # that its id stays its own while the entry lives.
+    entry = _sub_keys.get(id(jaxpr))
+    if entry is None:
+        entry = _sub_keys.put(id(jaxpr), (jaxpr, caching.Hashed(_structure(jaxpr))))
+    return entry[1]
 
 
 # The parameters of a jit call that jax would inline (`jaxutil.inlinable`: no constants,
@@ -211,7 +221,8 @@ def _eqn_params_key(eqn: Any) -> Any:
         return _custom_jvp_key(eqn)
     if eqn.primitive is jaxutil.prims.custom_vjp_call_p:
         return _custom_vjp_key(eqn)
-    return tuple((name, _value_key(value)) for name, value in params.items())
+    return tuple([(name, value if type(value) in _PLAIN else _value_key(value))
+                  for name, value in params.items()])
 
 
 def _custom_jvp_key(eqn: Any) -> Any:

@@ -699,10 +699,11 @@ class _EagerTrace(_pe.DynamicJaxprTrace):
         source_info = source_info_util.current()
         tracers = [self.to_jaxpr_tracer(t, source_info) for t in tracers]
         in_zeros = (False,) * len(tracers)
-        rule = _jax_rule(jvp, in_zeros, tracers)
+        avals, context = tuple([t.aval for t in tracers]), _config.trace_context()
+        rule = _jax_rule(jvp, in_zeros, tracers, avals, context, wrapped=True)
         if rule is None:
             return None
-        call_jaxpr, consts, out_type = _jax_call(fun, tuple(t.aval for t in tracers))
+        call_jaxpr, consts, out_type = _jax_call(fun, avals, context)
         fun.stores[0].store(out_type)  # what the function's trace leaves for its caller
         self.frame.is_high |= getattr(call_jaxpr.jaxpr, "is_high", False)
         params = dict(call_jaxpr=call_jaxpr,
@@ -974,19 +975,23 @@ _jax_rules = caching.LRU("fungrad.jax_rules", max_entries=1024, max_bytes=64 << 
 _JAX_DIR = os.path.dirname(os.path.abspath(jax.__file__)) + os.sep
 
 
-def _jax_rule(jvp: Any, in_zeros: tuple[bool, ...], primals: Sequence[Any]) -> tuple | None:
+def _jax_rule(jvp: Any, in_zeros: tuple[bool, ...], primals: Sequence[Any],
+              avals: tuple | None = None, context: Any = None,
+              wrapped: bool = False) -> tuple | None:
     """The rule of a custom_jvp function that is jax's own, from the cache or traced without
     values, or None for any other rule (or one wrapped by another transform, as a vmap's).
     Its equations record their stack and name stack from the rule down, as jax's trace of
-    it does: the same whatever the call's."""
-    if len(jvp.transforms) != 1 or jvp.params or not _jax_owned(jvp.f):
+    it does: the same whatever the call's. The caller may pass the primals' types and
+    jax's trace context, and say that `_jax_wrapped(jvp, _FLATTEN_JVP)` holds."""
+    if not (wrapped or _jax_wrapped(jvp, _FLATTEN_JVP)):
         return None
-    gen, static = jvp.transforms[0]
-    if gen is not _FLATTEN_JVP or len(static) != 4:
+    static = jvp.transforms[0][1]
+    if len(static) != 4:
         return None
     primal_name, jvp_name, in_tree, _out_type = static  # the out type: the function's, known
-    key = (jvp.f, primal_name, jvp_name, in_tree, in_zeros, tuple(map(typeof, primals)),
-           _config.trace_context())
+    key = (jvp.f, primal_name, jvp_name, in_tree, in_zeros,
+           tuple(map(typeof, primals)) if avals is None else avals,
+           _config.trace_context() if context is None else context)
     rule = _jax_rules.get(key)
     if rule is None:
         try:
@@ -1002,12 +1007,12 @@ def _jax_rule(jvp: Any, in_zeros: tuple[bool, ...], primals: Sequence[Any]) -> t
 _jax_calls = caching.LRU("fungrad.jax_calls", max_entries=1024, max_bytes=64 << 20)
 
 
-def _jax_call(fun: Any, in_avals: tuple) -> tuple:
+def _jax_call(fun: Any, in_avals: tuple, context: Any) -> tuple:
     """The function of a custom_jvp call of jax's own as jax's trace makes it: its closed
     jaxpr, its constants and what its flattening stores (output tree and types), from the
-    cache or traced now. jax traces it with the stack and name stack reset, so its
-    equations are the same whatever the call's lines."""
-    key = (fun.f, fun.transforms[0][1], in_avals, _config.trace_context())
+    cache or traced now under jax's trace `context`. jax traces it with the stack and name
+    stack reset, so its equations are the same whatever the call's lines."""
+    key = (fun.f, fun.transforms[0][1], in_avals, context)
     hit = _jax_calls.get(key)
     if hit is not None:
         return hit
