@@ -731,3 +731,42 @@ def test_jax_custom_jvp_calls_from_the_cache_have_the_lines_of_jaxs_trace():
     for _ in range(2):
         closed = jaxutil.capture_jaxpr(_two_relus, [jaxutil.typeof(W[0])], [W[0]], "two_relus")
         assert lines(closed.jaxpr) == want
+
+
+def test_argument_names_for_messages_are_jaxs_also_from_the_cache():
+    # fungrad caches what jax's messages say of a function (name, line, argument names)
+    # by what jax makes it of; every kind of callable, asked twice, gets jax's answer.
+    from jax._src import api_util
+
+    from fungrad._src import jaxutil
+
+    def loss(weights, scale=2.0, *, k=1):
+        return jnp.sum(weights) * scale
+
+    class Model:
+        def loss(self, weights, scale):
+            return jnp.sum(weights) * scale
+
+    @functools.wraps(loss)
+    def wrapper(*args, **kwargs):
+        return loss(*args, **kwargs)
+
+    def other(x, y):
+        return x * y
+
+    retargeted = functools.wraps(loss)(lambda *a: loss(*a))
+    callables = [loss, Model().loss, wrapper, fungrad.grad(loss), fungrad.jacrev(wrapper),
+                 functools.partial(loss, scale=3.0), retargeted]
+    args = ({"w": jnp.ones(2), "b": [jnp.ones(1)]}, 3.0)
+    for fun in callables:
+        for nums in [(0,), (0, 1)]:
+            static = [i for i in range(len(args)) if i not in nums]
+            for _ in range(2):
+                ours = jaxutil.user_debug_info("fungrad.grad", fun, args, nums)
+                assert ours == api_util.debug_info("fungrad.grad", fun, args, {},
+                                                   static_argnums=static), (fun, nums)
+        if fun is retargeted:  # a wrapper made to wrap another function: named by that one
+            fun.__wrapped__ = other
+            assert jaxutil.user_debug_info("fungrad.grad", fun, args, (0,)) == (
+                api_util.debug_info("fungrad.grad", fun, args, {}, static_argnums=[1]))
+            assert "other" in jaxutil.user_debug_info("fungrad.grad", fun, args, (0,)).func_src_info

@@ -132,7 +132,7 @@ def _jvp(fun: Callable, primals: Sequence[Any], tangents: Sequence[Any], has_aux
     api_util.check_array_leaves(primals, "primals", fname)
     for (path, x), t in zip(tree_util.tree_flatten_with_path(primals)[0],
                             tree_util.tree_leaves(tangents), strict=True):
-        api_util.check_tangent(x, t, f"the tangent at tangents{tree_util.keystr(path)}", fname)
+        api_util.check_tangent(x, t, api_util.leaf_name("the tangent at tangents", path), fname)
     fun_ = _with_aux_split(fun, has_aux, fname)
     captured, inputs, diff = _trace(fun_, primals, range(len(primals)), fname, fun)
     given = iter(tree_util.tree_leaves(tangents))
@@ -271,11 +271,11 @@ class _VjpSpec:
 def _pullback(spec: _VjpSpec, residuals: list, ct: Any) -> tuple:
     api_util.check_same_structure(spec.out_tree, tree_util.tree_structure(ct),
                                   "the primal output", "the cotangent", "vjp_fun")
-    flat_cts = tree_util.tree_leaves(ct)
-    paths = [tree_util.keystr(path) for path, _ in tree_util.tree_flatten_with_path(ct)[0]]
-    for aval, c, path in zip(spec.out_avals[:spec.num_outs], flat_cts, paths, strict=True):
+    with_paths = tree_util.tree_flatten_with_path(ct)[0]
+    flat_cts = [c for _, c in with_paths]
+    for aval, (path, c) in zip(spec.out_avals[:spec.num_outs], with_paths, strict=True):
         api_util.check_tangent(jax.ShapeDtypeStruct(aval.shape, aval.dtype), c,
-                               f"the cotangent{' at ' + path if path else ''}", "vjp_fun",
+                               api_util.leaf_name("the cotangent", path, " at "), "vjp_fun",
                                primal_what="the corresponding output of fun")
     run = _runner(_pullback_flat, spec.closed, spec.compile, [*residuals, *flat_cts],
                   spec.nonzeros, spec.num_outs, len(residuals))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -49,6 +49,8 @@ def is_array_like(x: Any) -> bool:
 
 def check_array_leaves(tree: Any, what: str, fname: str) -> None:
     """Every leaf of `tree` must be an array or a scalar that jax can trace."""
+    if all(map(is_array_like, tree_util.tree_leaves(tree))):
+        return
     for path, leaf in tree_util.tree_flatten_with_path(tree)[0]:
         if not is_array_like(leaf):
             where = f"{what}{tree_util.keystr(path)}"
@@ -64,8 +66,7 @@ def check_array_leaves(tree: Any, what: str, fname: str) -> None:
 def check_diff_args(args: Sequence[Any], nums: Sequence[int], fname: str) -> None:
     """`check_array_leaves` on each differentiated positional argument, named by position."""
     for i in nums:
-        if not all(map(is_array_like, tree_util.tree_leaves(args[i]))):
-            check_array_leaves(args[i], f"args[{i}]", fname)  # raises, naming the leaf
+        check_array_leaves(args[i], f"args[{i}]", fname)
 
 
 def dtype_name(dtype: Any) -> str:
@@ -161,20 +162,31 @@ def check_output_dtype(dtype: Any, *, holomorphic: bool, fname: str) -> None:
             f"directly for functions with integer outputs.")
 
 
-def check_tangent(primal: Any, tangent: Any, what: str, fname: str,
+def leaf_name(prefix: str, path: tuple, sep: str = "") -> Callable[[], str]:
+    """The name of the leaf at `path` for a message, made only when a message needs it."""
+    return lambda: prefix + (sep + tree_util.keystr(path) if path else "")
+
+
+def check_tangent(primal: Any, tangent: Any, what: str | Callable[[], str], fname: str,
                   primal_what: str = "the corresponding primal") -> None:
     """A tangent (or cotangent) must have the primal's shape and tangent dtype.
 
-    `primal_what` names the value that `tangent` belongs to in the message.
+    `what` names the tangent in the message (or makes its name: a path, formatted only
+    for a message); `primal_what` names the value that `tangent` belongs to.
     """
     p_aval = jaxutil.typeof(primal)
     try:
         t_aval = jaxutil.typeof(tangent)
     except TypeError:
+        what = what() if callable(what) else what
         raise TypeError(f"{fname}: {what} of type {type(tangent).__name__} is not a valid "
                         f"JAX type; expected an array of shape {p_aval.shape} and dtype "
                         f"{dtype_name(p_aval.to_tangent_aval().dtype)}.") from None
     expected = p_aval.to_tangent_aval().dtype
+    if t_aval.shape == p_aval.shape and (t_aval.dtype == expected or (
+            fname == "vjp_fun" and expected == float0 and t_aval.dtype == p_aval.dtype)):
+        return  # the common case
+    what = what() if callable(what) else what
     if t_aval.shape != p_aval.shape:
         raise ValueError(f"{fname}: {what} has shape {t_aval.shape}, but {primal_what} has "
                          f"shape {p_aval.shape}; they must be equal.")

@@ -213,14 +213,39 @@ _INLINABLE_JIT_PARAMS = frozenset({"jaxpr", "in_shardings", "out_shardings", "in
 
 def _eqn_params_key(eqn: Any) -> Any:
     params = eqn.params
-    if (eqn.primitive is jaxutil.prims.jit_p and params.keys() == _INLINABLE_JIT_PARAMS
-            and jaxutil.inlinable(params)):
-        return ("inlinable", _jaxpr_key(params["jaxpr"].jaxpr), params["donated_invars"],
-                params["ctx_mesh"], params["name"], params["keep_unused"])
+    if eqn.primitive is jaxutil.prims.jit_p:
+        return _jit_params_key(params)
     if eqn.primitive is jaxutil.prims.custom_jvp_call_p:
         return _custom_jvp_key(eqn)
     if eqn.primitive is jaxutil.prims.custom_vjp_call_p:
         return _custom_vjp_key(eqn)
+    return _plain_params_key(params)
+
+
+# The params keys of jit calls by the id of their jaxpr (jax holds one per jitted function
+# and input types, so a trace's calls of jnp's functions repeat those of earlier traces),
+# each entry with the params it was made from: a call with other params is keyed anew.
+_jit_keys = caching.LRU("fungrad.jit_keys", max_entries=4096, max_bytes=16 << 20,
+                        size=lambda _: 1024)
+
+
+def _jit_params_key(params: dict) -> Any:
+    closed = params["jaxpr"]
+    items = tuple(params.items())  # (compared item by item, by identity first)
+    entry = _jit_keys.get(id(closed))
+    if entry is not None:
+        if entry[0] == items:
+            return entry[1]
+        _jit_keys.pop(id(closed))
+    if params.keys() == _INLINABLE_JIT_PARAMS and jaxutil.inlinable(params):
+        key = ("inlinable", _jaxpr_key(closed.jaxpr), params["donated_invars"],
+               params["ctx_mesh"], params["name"], params["keep_unused"])
+    else:
+        key = _plain_params_key(params)
+    return _jit_keys.put(id(closed), (items, key))[1]
+
+
+def _plain_params_key(params: dict) -> tuple:
     return tuple([(name, value if type(value) in _PLAIN else _value_key(value))
                   for name, value in params.items()])
 

@@ -1135,12 +1135,19 @@ _debug_infos = caching.LRU("fungrad.debug_infos", max_entries=1024, max_bytes=16
 
 def _signature_key(fun: Any) -> tuple | None:
     """What jax's debug info of `fun` is made of, for a plain function (or a method of one)
-    that carries nothing that changes its signature (`__wrapped__`, `__signature__`);
-    None for any other callable."""
+    that carries nothing that changes its signature (`__signature__`, attributes), or a
+    function that only wraps such a function (`functools.wraps`, as fungrad's transforms
+    do: jax names it by the function it wraps); None for any other callable."""
     bound = type(fun) is types.MethodType
     func = fun.__func__ if bound else fun
-    if type(func) is not types.FunctionType or func.__dict__:
+    if type(func) is not types.FunctionType:
         return None
+    attrs = func.__dict__
+    if attrs:
+        if bound or attrs.keys() != {"__wrapped__"}:
+            return None
+        wrapped = _signature_key(attrs["__wrapped__"])
+        return None if wrapped is None else ("wraps", wrapped)
     return (bound, func.__code__, func.__name__, len(func.__defaults__ or ()),
             tuple(func.__kwdefaults__ or ()))
 
