@@ -755,8 +755,10 @@ def test_argument_names_for_messages_are_jaxs_also_from_the_cache():
         return x * y
 
     retargeted = functools.wraps(loss)(lambda *a: loss(*a))
+    cycle = functools.wraps(loss)(lambda *a: loss(*a))
+    cycle.__wrapped__ = cycle  # jax cannot unwrap it, and names it by itself
     callables = [loss, Model().loss, wrapper, fungrad.grad(loss), fungrad.jacrev(wrapper),
-                 functools.partial(loss, scale=3.0), retargeted]
+                 fungrad.grad(Model().loss), functools.partial(loss, scale=3.0), retargeted]
     args = ({"w": jnp.ones(2), "b": [jnp.ones(1)]}, 3.0)
     for fun in callables:
         for nums in [(0,), (0, 1)]:
@@ -770,3 +772,7 @@ def test_argument_names_for_messages_are_jaxs_also_from_the_cache():
             assert jaxutil.user_debug_info("fungrad.grad", fun, args, (0,)) == (
                 api_util.debug_info("fungrad.grad", fun, args, {}, static_argnums=[1]))
             assert "other" in jaxutil.user_debug_info("fungrad.grad", fun, args, (0,)).func_src_info
+    with pytest.raises(ValueError, match="wrapper loop"):
+        api_util.debug_info("fungrad.grad", cycle, args, {}, static_argnums=[1])
+    for _ in range(2):  # jax cannot name it: fungrad names the function alone, and goes on
+        assert jaxutil.user_debug_info("fungrad.grad", cycle, args, (0,)).arg_names is None

@@ -1129,11 +1129,12 @@ def user_debug_info(traced_for: str, fun: Callable, args: Sequence[Any],
     return debug
 
 
+_MAX_WRAPS = 16  # wrappers of wrappers whose names are cached
 _debug_infos = caching.LRU("fungrad.debug_infos", max_entries=1024, max_bytes=16 << 20,
                            size=lambda d: 64 * (len(d.arg_names or ()) + 4))
 
 
-def _signature_key(fun: Any) -> tuple | None:
+def _signature_key(fun: Any, depth: int = 0) -> tuple | None:
     """What jax's debug info of `fun` is made of, for a plain function (or a method of one)
     that carries nothing that changes its signature (`__signature__`, attributes), or a
     function that only wraps such a function (`functools.wraps`, as fungrad's transforms
@@ -1144,9 +1145,9 @@ def _signature_key(fun: Any) -> tuple | None:
         return None
     attrs = func.__dict__
     if attrs:
-        if bound or attrs.keys() != {"__wrapped__"}:
-            return None
-        wrapped = _signature_key(attrs["__wrapped__"])
+        if bound or attrs.keys() != {"__wrapped__"} or depth > _MAX_WRAPS:
+            return None  # (a chain that long may be a cycle, which jax reports)
+        wrapped = _signature_key(attrs["__wrapped__"], depth + 1)
         return None if wrapped is None else ("wraps", wrapped)
     return (bound, func.__code__, func.__name__, len(func.__defaults__ or ()),
             tuple(func.__kwdefaults__ or ()))
