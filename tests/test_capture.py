@@ -776,3 +776,25 @@ def test_argument_names_for_messages_are_jaxs_also_from_the_cache():
         api_util.debug_info("fungrad.grad", cycle, args, {}, static_argnums=[1])
     for _ in range(2):  # jax cannot name it: fungrad names the function alone, and goes on
         assert jaxutil.user_debug_info("fungrad.grad", cycle, args, (0,)).arg_names is None
+
+
+def test_one_function_jitted_with_other_options_is_another_program():
+    # jax traces a function once for all its jit wrappers, so calls of `jax.jit(g)` and of
+    # `jax.jit(g, keep_unused=True)` hold the same jaxpr: their keys must still differ.
+    from fungrad._src import capture
+
+    def g(x):
+        return jnp.sin(x) * 2.0
+
+    x = jnp.ones(3)
+    tree = jax.tree_util.tree_structure((x,))
+    programs = []
+    for wrapper in (jax.jit(g), jax.jit(g, keep_unused=True), jax.jit(g, inline=True)):
+        for _ in range(2):
+            captured, _ = capture.capture(lambda x: wrapper(x) + 1.0, tree, [x], [True])
+        programs.append(captured.jaxpr)
+        assert captured.reused  # the second call of each shares the first's program
+    assert len({id(p) for p in programs}) == 3
+    for wrapper in (jax.jit(g), jax.jit(g, keep_unused=True), jax.jit(g, inline=True)):
+        assert_close(fungrad.grad(lambda x: jnp.sum(wrapper(x)))(x),
+                     jax.grad(lambda x: jnp.sum(wrapper(x)))(x))
