@@ -12,6 +12,7 @@ from jax import tree_util
 
 from fungrad._src import jaxutil
 from fungrad._src.jaxutil import float0
+from fungrad._src.zeros import is_inexact
 
 
 def check_callable(fun: Any, fname: str) -> None:
@@ -74,19 +75,9 @@ def dtype_name(dtype: Any) -> str:
     return "float0" if dtype == float0 else np.dtype(dtype).name
 
 
-def _is_inexact(dtype: Any) -> bool:
-    inexact = _inexact_dtypes.get(dtype)
-    if inexact is None:
-        inexact = _inexact_dtypes[dtype] = bool(jnp.issubdtype(dtype, jnp.inexact))
-    return inexact
-
-
-_inexact_dtypes: dict[Any, bool] = {}  # one entry per dtype seen
-
-
 def check_input_dtype(x: Any, *, holomorphic: bool, allow_int: bool, fname: str) -> None:
     dtype = jaxutil.typeof(x).dtype
-    if not holomorphic and _is_inexact(dtype):
+    if not holomorphic and is_inexact(dtype):
         return  # the common case, in one check
     if holomorphic:
         if not jnp.issubdtype(dtype, jnp.complexfloating):

@@ -47,4 +47,16 @@ def add_tangents(x: Any, y: Any) -> Any:
 
 def has_tangent_space(aval: Any) -> bool:
     """Whether values of `aval` carry a real tangent (float or complex), not float0."""
-    return jnp.issubdtype(aval.dtype, jnp.inexact)
+    return is_inexact(aval.dtype)
+
+
+def is_inexact(dtype: Any) -> bool:
+    """Whether `dtype` is a float or complex type (`jnp.issubdtype(dtype, jnp.inexact)`,
+    remembered per dtype: every differentiated input and equation asks)."""
+    inexact = _inexact_dtypes.get(dtype)
+    if inexact is None:
+        inexact = _inexact_dtypes[dtype] = bool(jnp.issubdtype(dtype, jnp.inexact))
+    return inexact
+
+
+_inexact_dtypes: dict[Any, bool] = {}  # one entry per dtype seen
